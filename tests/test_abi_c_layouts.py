@@ -22,6 +22,7 @@ ABI_MODULES = [
     "shared.abi.grant",
     "shared.abi.xs_wire",
     "shared.abi.sharedinfo",
+    "shared.abi.hypercall",
 ]
 
 REQUIRED = {
