@@ -15,7 +15,9 @@ XEN_INCLUDE = Path("/usr/include/xen")
 def require_xen_headers() -> None:
     """Fail (not skip) when the headers are missing: the set-up installs them."""
     if not (XEN_INCLUDE / "io" / "ring.h").exists():
-        pytest.fail("libxen-dev headers missing: run the README's test command, which installs them")
+        pytest.fail(
+            "libxen-dev headers missing: run the README's test command, which installs them"
+        )
     if shutil.which("gcc") is None:
         pytest.fail("gcc missing")
 

@@ -51,11 +51,16 @@ def _layouts() -> list[_layout.Layout]:
 
 def _program(layouts: list[_layout.Layout]) -> str:
     headers = sorted({lay.header for lay in layouts})
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <stdint.h>", "#include <xen/xen.h>"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <stdint.h>",
+        "#include <xen/xen.h>",
+    ]
     lines += [f"#include <{h}>" for h in headers]
     lines.append("int main(void) {")
     for lay in layouts:
-        lines.append(f'  printf("%s size %zu\\n", "{lay.c_type}", sizeof({lay.c_type}));')
+        lines.append(f'  printf("sizeof %s %zu\\n", "{lay.c_type}", sizeof({lay.c_type}));')
         for member, _ in lay.checked_offsets():
             lines.append(
                 f'  printf("%s %s %zu\\n", "{lay.c_type}", "{member}", offsetof({lay.c_type}, {member}));'
@@ -76,8 +81,9 @@ def test_sizes_and_offsets_match_real_headers(tmp_path) -> None:
     c_answer = dict(line.rsplit(" ", 1) for line in out.splitlines())
     mismatches = []
     for lay in layouts:
-        if int(c_answer[f"{lay.c_type} size"]) != lay.size:
-            mismatches.append(f"{lay.c_type}: size {lay.size} != C {c_answer[f'{lay.c_type} size']}")
+        c_size = int(c_answer[f"sizeof {lay.c_type}"])
+        if c_size != lay.size:
+            mismatches.append(f"{lay.c_type}: size {lay.size} != C {c_size}")
         for member, offset in lay.checked_offsets():
             c_off = int(c_answer[f"{lay.c_type} {member}"])
             if c_off != offset:

@@ -238,7 +238,7 @@ XEN_ADD_TO_PHYSMAP = layout(
     ("domid", "H"),
     # Leading underscore = not in the shared C layout test, whose "<type> size" key
     # for sizeof() would collide with this member; test_abi_hypercall checks it.
-    ("_size", "H"),
+    ("size", "H"),
     ("space", "I"),
     ("idx", "Q"),
     ("gpfn", "Q"),

@@ -128,7 +128,7 @@ TX_REQUEST = layout(
     # Unchecked only because a member named "size" collides with the sizeof line
     # of the C layout test; id@8 and sizeof 12 pin it at 10, and test_abi_netif
     # checks it directly.
-    ("_size", "H"),
+    ("size", "H"),
 )
 TX_RESPONSE = layout("struct netif_tx_response", HEADER, ("id", "H"), ("status", "h"))
 RX_REQUEST = layout("struct netif_rx_request", HEADER, ("id", "H"), ("pad", "H"), ("gref", "I"))
