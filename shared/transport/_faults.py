@@ -52,6 +52,7 @@ class FaultInjector:
     plan: FaultPlan = attrs.field(factory=FaultPlan)
     _rng: random.Random = attrs.field(init=False)
     _held: bytes | None = attrs.field(init=False, default=None)
+    _plan_active: bool = attrs.field(init=False, default=False)
     frames: int = 0
     dropped: int = 0
     duplicated: int = 0
@@ -59,16 +60,22 @@ class FaultInjector:
     delayed: int = 0
 
     def __attrs_post_init__(self) -> None:
-        self._rng = random.Random(self.plan.seed)
+        self.configure(self.plan)
 
     def configure(self, plan: FaultPlan) -> None:
         """Switch plans; the seed restarts the decision sequence."""
         self.plan = plan
+        self._plan_active = plan.active  # read on every send: keep it a plain bool
         self._rng = random.Random(plan.seed)
 
     @property
     def active(self) -> bool:
-        return self.plan.active or self._held is not None
+        return self._plan_active or self._held is not None
+
+    @property
+    def holding(self) -> bool:
+        """A frame is held back, waiting to be passed by the next one."""
+        return self._held is not None
 
     def plan_send(self, frame: bytes) -> list[tuple[float, bytes]]:
         p, rng = self.plan, self._rng

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from shared.codec import CodecError
+from shared.codec import CodecError, message
 
 
 class Kind(enum.IntEnum):
@@ -84,3 +84,17 @@ class CallTimeout(Exception):
 
 class PeerLost(Exception):
     """The connection to the peer went away while the call was in flight."""
+
+
+@message(1)
+class Connect:
+    """Client → service's listening endpoint: give me a socket of my own."""
+
+    client: str
+
+
+@message(2)
+class Connected:
+    """The endpoint of the client's dedicated socket (dial it next)."""
+
+    endpoint: str
