@@ -1,0 +1,23 @@
+"""``domsplit``: the toolstack CLI (also ``python -m services.toolstack``).
+
+Verbs live in small modules, one function each, registered with
+:func:`services.toolstack._registry.verb`; importing a module here is all a new
+verb (``create``, ``list``, ``destroy``, ``migrate``, ``top``...) needs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from services.toolstack import _demo, _host  # noqa: F401  (they register their verbs)
+from services.toolstack._registry import build_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line), run the verb, return its status."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
