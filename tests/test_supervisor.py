@@ -73,6 +73,14 @@ async def test_up_status_kill_restart_down(scratch: ScratchHost) -> None:
         services = await status(scratch)
         assert all(s["alive"] and s["state"] == "running" for s in services.values())
 
+        paused = await cli_ok("host", "pause", "blkback", *t)
+        assert (paused["state"], paused["alive"]) == ("paused", True)
+        assert (await status(scratch))["blkback"]["status"] is None  # it cannot answer
+        assert (await cli_ok("host", "unpause", "blkback", *t))["state"] == "running"
+        stopped = await cli_ok("host", "stop", "migration", *t)
+        assert (stopped["state"], stopped["alive"], stopped["exit_code"]) == ("stopped", False, 0)
+        await cli_ok("host", "pause", "netback", *t)  # down must cope with a stopped process
+
         recorded = _runfiles.read_pid_file(scratch.host)
         assert recorded is not None and recorded.processes["xenstore"] == restarted["pid"]
         fake_ram = Path(f"/dev/shm/domsplit-{scratch.name}-guest1")
@@ -88,6 +96,7 @@ async def test_up_status_kill_restart_down(scratch: ScratchHost) -> None:
 async def test_down_cleans_up_after_a_dead_supervisor(scratch: ScratchHost) -> None:
     with trio.fail_after(60):
         await cli_ok("host", "up", str(scratch.path))
+        await cli_ok("host", "pause", "hypervisor", "-t", str(scratch.path))
         recorded = _runfiles.read_pid_file(scratch.host)
         os.kill(recorded.supervisor, signal.SIGKILL)
         assert _runfiles.wait_gone([recorded.supervisor], 5) == []
@@ -148,6 +157,7 @@ async def test_demo_stops_cleanly_on_ctrl_c(scratch: ScratchHost) -> None:
                 assert chunk, f"demo ended early:\n{output.decode()}"
                 output += chunk
             pids = _runfiles.read_pid_file(scratch.host).processes.values()
+            assert (await status(scratch)).keys() == set(SERVICES)  # host verbs see it
             proc.send_signal(signal.SIGINT)
             with trio.fail_after(10):
                 while chunk := await proc.stdout.receive_some():

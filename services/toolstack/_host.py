@@ -47,7 +47,7 @@ def supervisor_pid(host: Host) -> int | None:
     recorded = _runfiles.read_pid_file(host)
     if recorded is None or recorded.supervisor is None:
         return None
-    if not _runfiles.is_ours(recorded.supervisor, recorded.topology):
+    if not recorded.is_live("supervisor"):
         return None
     return recorded.supervisor
 

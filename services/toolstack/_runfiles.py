@@ -1,16 +1,17 @@
 """A host's run files: the pid file, logs, ipc sockets and guest RAM in /dev/shm,
 and the /proc look-ups that let ``host down`` clean up after a dead supervisor.
 
-The pid file ``<rundir>/supervisor.pid`` has one ``NAME PID`` line per process,
+The pid file ``<rundir>/supervisor.pid`` has one ``NAME PID START`` line per process,
 the supervisor first, so it reads with ``awk`` too::
 
     # domsplit host alpha, topology /work/main/deploy/demo.toml
-    supervisor 4242
-    hypervisor 4243
-    xenstore 4244
+    # NAME PID START (clock ticks after boot, /proc/PID/stat field 22)
+    supervisor 4242 1093321
+    hypervisor 4243 1093340
+    xenstore 4244 1093341
 
-A PID is only ever signalled from the pid file after checking that its
-``/proc/PID/cmdline`` still names the topology file (PIDs get reused).
+A PID is only ever signalled from the pid file after checking that the
+process still has the recorded start time (PIDs get reused).
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def shm_files(host: Host) -> list[Path]:
 
 @attrs.frozen
 class PidFile:
-    """The recorded PIDs of one host: ``processes`` maps a name to its PID."""
+    """The recorded processes of one host: ``processes`` maps a name to its
+    PID, ``started`` to its start time (so a reused PID is never taken for it)."""
 
     topology: Path
     processes: dict[str, int]
+    started: dict[str, int]
 
     @property
     def supervisor(self) -> int | None:
@@ -62,12 +65,23 @@ class PidFile:
     def services(self) -> dict[str, int]:
         return {n: p for n, p in self.processes.items() if n != "supervisor"}
 
+    def is_live(self, name: str) -> bool:
+        """The process recorded as ``name`` is still running (same PID, same start)."""
+        pid = self.processes.get(name)
+        return pid is not None and is_alive(pid) and start_time(pid) == self.started.get(name)
+
+    def live_pids(self) -> list[int]:
+        """Recorded processes still running: services first, the supervisor last."""
+        names = [*self.services(), "supervisor"]
+        return [self.processes[n] for n in names if self.is_live(n)]
+
 
 def write_pid_file(host: Host, topology: Path, processes: dict[str, int]) -> None:
     """Replace the pid file atomically (a reader never sees half of it)."""
     path = pid_file(host)
     lines = [f"# domsplit host {host.name}, topology {topology}"]
-    lines += [f"{name} {pid}" for name, pid in processes.items()]
+    lines += ["# NAME PID START (clock ticks after boot, /proc/PID/stat field 22)"]
+    lines += [f"{name} {pid} {start_time(pid) or 0}" for name, pid in processes.items()]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
@@ -81,15 +95,16 @@ def read_pid_file(host: Host) -> PidFile | None:
         return None
     topology = Path()
     processes: dict[str, int] = {}
+    started: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith("#"):
-            _, _, rest = line.partition(", topology ")
-            topology = Path(rest.strip()) if rest else topology
+        if line.startswith("# domsplit host"):
+            topology = Path(line.partition(", topology ")[2].strip())
             continue
-        name, _, pid = line.partition(" ")
-        if pid.strip().isdigit():
-            processes[name] = int(pid)
-    return PidFile(topology, processes)
+        fields = line.split()
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            processes[fields[0]] = int(fields[1])
+            started[fields[0]] = int(fields[2])
+    return PidFile(topology, processes, started)
 
 
 # --- processes through /proc --------------------------------------------------
@@ -103,20 +118,25 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """``/proc/PID/stat`` from field 3 (state) on; [] if the process is gone.
+    (The command name before it is parenthesised and may hold spaces.)"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def is_alive(pid: int) -> bool:
     """``pid`` exists and is not a zombie waiting for its parent."""
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # the state follows the parenthesised command name, which may hold spaces
-    state = stat_line.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
-def is_ours(pid: int, topology: Path) -> bool:
-    """``pid`` is alive and was started for ``topology`` (not a reused PID)."""
-    return is_alive(pid) and str(topology) in cmdline(pid)
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (None if it is gone)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -191,7 +211,7 @@ def log_tail(path: Path, lines: int = 20) -> str:
 class Cleanup:
     """What :func:`cleanup_from_pid_file` did."""
 
-    killed: tuple[int, ...]  # recorded PIDs that were still alive and ours
+    killed: tuple[int, ...]  # recorded processes that were still running
     survivors: tuple[int, ...]  # of those, still alive after SIGKILL
     removed: tuple[Path, ...]  # run files removed
 
@@ -200,10 +220,7 @@ def cleanup_from_pid_file(host: Host, grace: float) -> Cleanup:
     """``host down`` without a supervisor: SIGTERM every recorded process
     still ours (services first), SIGKILL after ``grace``, remove run files."""
     recorded = read_pid_file(host)
-    pids: list[int] = []
-    if recorded is not None:
-        order = [*recorded.services().values(), recorded.supervisor]
-        pids = [p for p in order if p and is_ours(p, recorded.topology)]
+    pids = recorded.live_pids() if recorded is not None else []
     for pid in pids:
         signal_pid(pid, signal.SIGCONT)  # a paused process cannot act on SIGTERM
         signal_pid(pid, signal.SIGTERM)

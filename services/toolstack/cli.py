@@ -7,6 +7,7 @@ verb (``create``, ``list``, ``destroy``, ``migrate``, ``top``...) needs.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from services.toolstack import _demo, _host  # noqa: F401  (they register their verbs)
@@ -16,7 +17,12 @@ from services.toolstack._registry import build_parser
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line), run the verb, return its status."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # `domsplit host status --json | head`: the reader left, which is fine.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

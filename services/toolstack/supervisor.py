@@ -222,11 +222,8 @@ def claim_host(host: Host) -> list[Path]:
     """Make sure no live supervisor owns ``host``; clean up after a dead one
     (its orphaned services are killed by PID). Returns the files removed."""
     recorded = _runfiles.read_pid_file(host)
-    if recorded is not None and recorded.supervisor is not None:
-        if _runfiles.is_ours(recorded.supervisor, recorded.topology):
-            raise AlreadyUp(
-                f"host {host.name} is already up (supervisor pid {recorded.supervisor})"
-            )
+    if recorded is not None and recorded.is_live("supervisor"):
+        raise AlreadyUp(f"host {host.name} is already up (supervisor pid {recorded.supervisor})")
     return _runfiles.cleanup_from_pid_file(host, GRACE).removed
 
 
