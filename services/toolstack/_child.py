@@ -50,6 +50,8 @@ class ServiceChild:
     exited: trio.Event = attrs.field(factory=trio.Event)
     # What we asked for before signalling it, so its exit is named rightly.
     intent: str | None = None
+    # Held by a control request (kill, stop, restart) while it acts.
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
 
     @property
     def pid(self) -> int:

@@ -151,27 +151,30 @@ class Supervisor:
         )
 
     async def kill(self, name: str) -> ServiceState:
-        child = self._running(name)
-        await child.kill()
-        return child.snapshot()
+        async with self.child(name).lock:
+            child = self._running(name)
+            await child.kill()
+            return child.snapshot()
 
     async def stop(self, name: str) -> ServiceState:
-        child = self._running(name)
-        await child.terminate(self.grace)
-        return child.snapshot()
+        async with self.child(name).lock:
+            child = self._running(name)
+            await child.terminate(self.grace)
+            return child.snapshot()
 
     async def restart(self, name: str) -> ServiceState:
         child = self.child(name)
-        if self._down_started:
-            raise ServiceError("going-down", f"host {self.host.name} is going down")
-        await child.terminate(self.grace)
-        await self.nursery.start(child.run_incarnation)
-        self._record_pids()
-        try:
-            await child.wait_ready(self.ready_timeout)
-        except StartFailed as exc:
-            raise ServiceError("start-failed", str(exc)) from None
-        return child.snapshot()
+        async with child.lock:
+            if self._down_started:
+                raise ServiceError("going-down", f"host {self.host.name} is going down")
+            await child.terminate(self.grace)
+            await self.nursery.start(child.run_incarnation)
+            self._record_pids()
+            try:
+                await child.wait_ready(self.ready_timeout)
+            except StartFailed as exc:
+                raise ServiceError("start-failed", str(exc)) from None
+            return child.snapshot()
 
     def pause(self, name: str) -> ServiceState:
         child = self._running(name)
