@@ -209,6 +209,10 @@ def do_rm(xs: XenStore, conn: Connection, msg: XsMessage, tx: Transaction | None
     caller = xs.caller(conn)
     node = tree.get(path)
     if tx is not None:
+        # The whole subtree: a later read of a removed descendant inside this
+        # transaction must be judged against what it was, not "absent".
+        for at, below in tree.walk(path):
+            tx.note(at, below)
         tx.note(path, node)
         tx.note_exists(parent_path(path))
         _noted(xs, caller, tx)
