@@ -991,7 +991,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.h = Harness()
         self.h.run([(0, None, ("mkdir", "/m"), "OK")])
         self.model: dict[str, bytes] = {"/m": b""}
-        self.tx: tuple[int, dict[str, bytes], bool] | None = None  # id, private model, raced
+        # id, private model, raced, ops to replay on the shared model at commit
+        self.tx: tuple[int, dict[str, bytes], bool, list[Any]] | None = None
 
     def _do(self, msg: XsMessage) -> XsMessage:
         out = self.h.xs.handle(self.h.conn(0), msg)
@@ -1000,7 +1001,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _outside_changed(self) -> None:
         if self.tx is not None:
-            self.tx = (self.tx[0], self.tx[1], True)
+            self.tx = (self.tx[0], self.tx[1], True, self.tx[3])
 
     @rule(path=PATHS, value=VALUES)
     def write(self, path: str, value: bytes) -> None:
@@ -1021,13 +1022,14 @@ class StoreMachine(RuleBasedStateMachine):
     def start(self) -> None:
         if self.tx is None:
             reply = self._do(w.transaction_start())
-            self.tx = (int(reply.payload[:-1]), dict(self.model), False)
+            self.tx = (int(reply.payload[:-1]), dict(self.model), False, [])
 
     @rule(path=PATHS, value=VALUES)
     def tx_write(self, path: str, value: bytes) -> None:
         if self.tx is not None:
             assert self._do(w.write(path, value, tx_id=self.tx[0])).payload == b"OK\0"
             _model_write(self.tx[1], path, value)
+            self.tx[3].append((_model_write, path, value))
 
     @rule(path=PATHS)
     def tx_read(self, path: str) -> None:
@@ -1041,16 +1043,18 @@ class StoreMachine(RuleBasedStateMachine):
         if self.tx is not None and path.rsplit("/", 1)[0] in self.tx[1]:
             assert self._do(w.rm(path, tx_id=self.tx[0])).payload == b"OK\0"
             _model_rm(self.tx[1], path)
+            self.tx[3].append((_model_rm, path))
 
     @rule(commit=st.booleans())
     def end(self, commit: bool) -> None:
         if self.tx is None:
             return
-        tx_id, private, raced = self.tx
+        tx_id, private, raced, ops = self.tx
         self.tx = None
         reply = self._do(w.transaction_end(tx_id, commit))
         if commit and reply.payload == b"OK\0":
-            self.model = private
+            for fn, *args in ops:
+                fn(self.model, *args)
         elif commit:
             assert raced and reply.payload == b"EAGAIN\0"
 
