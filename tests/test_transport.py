@@ -218,3 +218,14 @@ async def test_calls_wait_for_a_late_server(endpoint: str) -> None:
                 if proc is not None:
                     proc.kill()
                     proc.wait(5)
+
+
+async def test_errors_in_the_block_propagate_unwrapped(endpoint: str) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(CallTimeout):
+            async with open_server(endpoint) as server, open_channel(endpoint) as chan:
+                serve_echo(server)
+                await chan.call(SlowRequest(1), timeout=0.05)
+        with pytest.raises(KeyError):
+            async with open_server(endpoint):
+                raise KeyError("mine")

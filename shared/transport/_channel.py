@@ -398,6 +398,7 @@ async def open_channel(endpoint: str, *, inbox: int = 4096) -> AsyncIterator[Cha
     Returns at once; calls wait (within their timeout) until connected."""
     accept = NngPort(open_socket(poly=False))
     chan: Channel | None = None
+    body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             chan = Channel(endpoint, accept, nursery, inbox)
@@ -406,9 +407,14 @@ async def open_channel(endpoint: str, *, inbox: int = 4096) -> AsyncIterator[Cha
             nursery.start_soon(chan._sweep_timeouts)
             try:
                 yield chan
+            except BaseException as exc:  # re-raised below, outside the nursery
+                body_error = exc
             finally:
                 nursery.cancel_scope.cancel()
     finally:
         if chan is not None:
             chan.close()
         accept.close()
+    if body_error is not None:
+        # The caller's own exception, not wrapped in the nursery's ExceptionGroup.
+        raise body_error

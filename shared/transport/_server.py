@@ -328,6 +328,7 @@ async def open_server(endpoint: str) -> AsyncIterator[Server]:
     """Listen on ``endpoint`` and serve until the block exits."""
     port = NngPort(open_socket(poly=True))
     server: Server | None = None
+    body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             server = Server(endpoint, port, nursery)
@@ -336,9 +337,14 @@ async def open_server(endpoint: str) -> AsyncIterator[Server]:
             nursery.start_soon(server._receive_loop, port, None)
             try:
                 yield server
+            except BaseException as exc:  # re-raised below, outside the nursery
+                body_error = exc
             finally:
                 nursery.cancel_scope.cancel()
     finally:
         if server is not None:
             server.close()
         port.close()
+    if body_error is not None:
+        # The caller's own exception, not wrapped in the nursery's ExceptionGroup.
+        raise body_error
