@@ -94,7 +94,11 @@ class _Link:
                 chunks.append(data)
                 replies += is_reply
             if chunks:
-                await send(b"".join(chunks))
+                try:
+                    await send(b"".join(chunks))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.cancel.cancel()  # the client is gone: end its connection
+                    return
                 self.sent(replies)
 
     async def drained(self) -> None:
@@ -203,8 +207,9 @@ class XenStoreService:
                     with trio.move_on_after(DRAIN_ON_EOF):
                         await link.drained()
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        except Exception as exc:  # whatever one client did, the others keep their server
+            if not _is_disconnect(exc):
+                print(f"xenstored: {conn!r} ended: {exc!r}", file=sys.stderr)
         finally:
             if link.dropped:
                 self._drop(link, "not reading its replies")
@@ -227,7 +232,11 @@ class XenStoreService:
             try:
                 msgs = link.parser.feed(data)
             except XsProtocolError as exc:
+                # Answer the complete requests before the bad header, then drop
+                # the connection: its byte stream cannot be resynchronised.
                 await self._feed(link, exc.messages)
+                with trio.move_on_after(DRAIN_ON_EOF):
+                    await link.drained()
                 self._drop(link, "malformed")
                 link.cancel.cancel()
                 return
@@ -345,6 +354,13 @@ class XenStoreService:
             link.cancel.cancel()
             link.conn.sink = None
             self.core.disconnect(link.conn)
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """A client that went away (possibly wrapped in an exception group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_disconnect(e) for e in exc.exceptions)
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError)
 
 
 def open_service(rundir: Path) -> XenStoreService:
