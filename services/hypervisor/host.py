@@ -99,8 +99,8 @@ class Host:
             "domain": int(domid in self.domains),
             "ports": int(self.evtchn.has_domain(domid)),
             "mappings": len(self.gnttab.mappings(domid)),
-            "timers": sum(1 for t in self.timers._armed if t[0] == domid),
-            "lapic": int(domid in self.lapics._apics),
+            "timers": self.timers.armed_count(domid),
+            "lapic": int(self.lapics.has_domain(domid)),
         }
 
     # --- guest memory placement --------------------------------------------------------------

@@ -105,6 +105,9 @@ class Lapics:
     def remove_domain(self, domid: int) -> None:
         self._apics.pop(domid, None)
 
+    def has_domain(self, domid: int) -> bool:
+        return domid in self._apics
+
     def apic(self, domid: int, vcpu: int) -> LocalApic:
         return self._apics[domid][vcpu]
 

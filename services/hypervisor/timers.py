@@ -151,6 +151,9 @@ class Timers:
         for key in [k for k in self._armed if k[0] == domid]:
             del self._armed[key]
 
+    def armed_count(self, domid: int) -> int:
+        return sum(1 for key in self._armed if key[0] == domid)
+
     def armed(self, domid: int, vcpu: int) -> tuple[int | None, int | None]:
         """(singleshot deadline, periodic next deadline) in guest ns, for introspection."""
         s = self._armed.get((domid, vcpu, SINGLESHOT))
