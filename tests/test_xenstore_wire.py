@@ -171,3 +171,29 @@ async def test_watch_event_follows_watch_ack() -> None:
             assert got[0].encode() == frame(15, 0, 0, b"relative/path/x\0tok\0")
             assert got[1].encode() == frame(11, 6, 0, b"OK\0")
             await stream.aclose()
+
+
+async def test_flooding_client_does_not_starve_others() -> None:
+    """One client pipelines requests and never reads its replies: the server stops
+    reading it (outstanding quota), while another client keeps round-tripping."""
+    with trio.fail_after(20):
+        async with running_service() as (service, sock):
+            flooder = await trio.open_unix_socket(str(sock))
+            flood = b"".join(w.read("/local", req_id=i).encode() for i in range(50_000))
+
+            async def push() -> None:
+                await flooder.send_all(flood)  # blocks once the server stops reading
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(push)
+                other = await trio.open_unix_socket(str(sock))
+                for i in range(200):
+                    await other.send_all(w.write("/fair/x", str(i), req_id=i).encode())
+                    (reply,) = await read_messages(other, 1)
+                    assert reply.payload == b"OK\0" and reply.req_id == i
+                conns = [c for c in service.core.connections if c.outstanding]
+                assert all(
+                    c.outstanding <= service.core.quota.privileged_outstanding for c in conns
+                )
+                await other.aclose()
+            await flooder.aclose()
