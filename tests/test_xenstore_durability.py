@@ -1,7 +1,7 @@
 """kill -9 of the real xenstored at random points during transactional writes.
 
 A client commits transactions, each writing ``/dur/a = i``, ``/dur/b = i`` and
-``/dur/log/<i> = i``, and remembers which commits were acknowledged. A thread
+``/dur/log/<i/200>/<i> = i``, and remembers which commits were acknowledged. A thread
 kills the process with SIGKILL at a random moment; after a restart every
 acknowledged commit must be there and no transaction half there (``a == b``,
 and the log holds exactly the commits up to ``a``). The run directory is kept
@@ -58,7 +58,7 @@ def commit_one(link: Link, i: int) -> bool:
     """One transaction; True once its commit is acknowledged."""
     reply = link.call(w.transaction_start())
     tx = int(reply.payload[:-1])
-    for path in ("/dur/a", "/dur/b", f"/dur/log/{i}"):
+    for path in ("/dur/a", "/dur/b", f"/dur/log/{i // 200}/{i}"):
         assert link.call(w.write(path, str(i), tx_id=tx)).payload == b"OK\0"
     return link.call(w.transaction_end(tx, True)).payload == b"OK\0"
 
@@ -73,7 +73,10 @@ def check_state(daemon: Xenstored, acked: set[int]) -> int:
         b = link.call(w.read("/dur/b"))
         assert a.payload == b.payload, "a transaction was half applied"
         last = int(a.payload)
-        logged = {int(x) for x in w.split_args(link.call(w.directory("/dur/log")).payload)}
+        logged = set()
+        for bucket in w.split_args(link.call(w.directory("/dur/log")).payload):
+            names = link.call(w.directory(b"/dur/log/" + bucket)).payload
+            logged |= {int(x) for x in w.split_args(names)}
         assert logged == set(range(1, last + 1)), "log and a/b disagree"
         assert acked <= logged, f"acknowledged commits lost: {sorted(acked - logged)[:5]}"
         return last

@@ -196,4 +196,5 @@ async def test_flooding_client_does_not_starve_others() -> None:
                     c.outstanding <= service.core.quota.privileged_outstanding for c in conns
                 )
                 await other.aclose()
+                nursery.cancel_scope.cancel()
             await flooder.aclose()
