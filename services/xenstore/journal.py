@@ -13,7 +13,8 @@ Two files in the run directory:
 On start the snapshot is loaded and the journal replayed if its epoch matches;
 a record cut short or failing its CRC (a torn tail from a crash mid-append)
 ends the replay and is truncated away. The adapter appends a request's record
-before it answers and makes it durable with ``fdatasync`` before the reply that
+before it answers, writes a whole group of them with one system call and
+makes them durable with ``fdatasync`` before the reply that
 acknowledges it leaves, so an acknowledged write survives kill -9.
 
 Compaction writes a snapshot of epoch e+1 and then an empty journal of epoch
@@ -114,6 +115,7 @@ class Journal:
     epoch: int = 0
     size: int = 0
     _fd: int | None = None
+    _buffer: list[bytes] = attrs.field(factory=list)
     appends: int = 0
     syncs: int = 0
     compactions: int = 0
@@ -164,15 +166,22 @@ class Journal:
         return snapshot, records
 
     def append(self, records: list[list[Any]]) -> None:
-        """Write records (not yet durable: call :meth:`sync`)."""
+        """Queue records; :meth:`flush` writes them, :meth:`sync` makes them durable."""
         assert self._fd is not None, "load() first"
-        data = b"".join(frame(r) for r in records)
-        _write_all(self._fd, data)
-        self.size += len(data)
+        for record in records:
+            data = frame(record)
+            self._buffer.append(data)
+            self.size += len(data)
         self.appends += 1
 
+    def flush(self) -> None:
+        """Write queued records to the file (one system call for a whole group)."""
+        if self._buffer and self._fd is not None:
+            _write_all(self._fd, b"".join(self._buffer))
+            self._buffer.clear()
+
     def sync(self) -> None:
-        """Make every appended record durable (blocking: run it in a thread)."""
+        """Make every flushed record durable (blocking: run it in a thread)."""
         if self._fd is not None:
             os.fdatasync(self._fd)
             self.syncs += 1
@@ -185,6 +194,7 @@ class Journal:
         """Replace snapshot + journal by ``snapshot`` and an empty journal.
         ``snapshot`` must include every record appended so far."""
         epoch = self.epoch + 1
+        self._buffer.clear()  # already in the snapshot
         body = msgpack.packb(snapshot, use_bin_type=True)
         head = _HEADER.pack(SNAPSHOT_MAGIC, epoch) + struct.pack("<I", zlib.crc32(body))
         _write_durably(self.snapshot_path, head + body)
@@ -196,6 +206,7 @@ class Journal:
         self.compactions += 1
 
     def close(self) -> None:
+        self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

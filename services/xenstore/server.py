@@ -151,6 +151,7 @@ class XenStoreService:
             self._kick = trio.Event()
             while self.synced < self.appended:
                 target = self.appended
+                self.journal.flush()
                 await trio.to_thread.run_sync(self.journal.sync)
                 self.synced = target
                 while self._pending and self._pending[0][0] <= self.synced:
