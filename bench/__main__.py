@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["transport"]
+BENCHES = ["transport", "xenstore"]
 
 
 def main(argv: list[str] | None = None) -> int:

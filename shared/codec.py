@@ -8,7 +8,8 @@ the transport turns into an error reply and a counter, never a crash.
 
 Supported field types: ``int`` (and ``IntEnum`` subclasses), ``float``, ``bool``,
 ``str``, ``bytes``, ``X | None``, ``tuple[X, ...]``, ``list[X]``, ``dict[K, V]``,
-``typing.Any`` and other registered message classes (nested as arrays).
+``typing.Any``, other registered message classes (nested as arrays) and
+:class:`AnyMessage` (any registered message).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ T = TypeVar("T")
 
 class CodecError(ValueError):
     """Bytes or a value that are not a valid message."""
+
+
+class AnyMessage:
+    """Field annotation: any registered message, nested as its own array."""
 
 
 _BY_TAG: dict[int, type] = {}
@@ -117,7 +122,7 @@ def _is_plain(tp: Any) -> bool:
 def _value_encoder(tp: Any) -> Callable[[Any], Any]:
     if _is_plain(tp):
         return lambda v: v
-    if tp in _TAG_OF:
+    if tp in _TAG_OF or tp is AnyMessage:
         return to_wire
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not Ellipsis]
@@ -201,6 +206,8 @@ def _value_decoder(tp: Any) -> Callable[[Any], Any]:
         return _enum(tp)
     if tp in _TAG_OF:
         return _nested(tp)
+    if tp is AnyMessage:
+        return from_wire
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (types.UnionType, typing.Union):

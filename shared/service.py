@@ -30,6 +30,7 @@ from shared import messages, topology
 from shared.transport import FaultPlan, Server, open_server
 
 Setup = Callable[["ServiceContext"], Awaitable[None]]
+CLEANUP_TIMEOUT = 5.0
 
 
 @attrs.define(eq=False)
@@ -41,6 +42,12 @@ class ServiceContext:
     nursery: trio.Nursery
     started: float = attrs.field(factory=time.monotonic)
     _stats: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
+    _cleanups: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list)
+
+    def add_cleanup(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await fn()`` when the service stops (before its tasks are
+        cancelled), e.g. to kill and reap child processes."""
+        self._cleanups.append(fn)
 
     def add_stats(self, group: str, source: Callable[[], Any]) -> None:
         """Report ``source()`` (an attrs record or a dict) under ``group`` in status."""
@@ -103,6 +110,9 @@ async def run(
             await stop.wait()
             # Let the Ack of a ShutdownRequest leave before the socket closes.
             await trio.sleep(0.05)
+        for cleanup in ctx._cleanups:
+            with trio.move_on_after(CLEANUP_TIMEOUT):
+                await cleanup()
         nursery.cancel_scope.cancel()
 
 

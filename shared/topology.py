@@ -12,6 +12,9 @@ A topology is TOML::
     [hosts.alpha.endpoints]          # optional overrides, per service
     migration = "tcp://127.0.0.1:7711"
 
+    [hosts.alpha.settings]           # optional per-host knobs
+    sshot_past = "etime"             # past singleshot deadline: "etime" (4.17) or "fire"
+
 Every service not overridden gets ``ipc://<dir>/<host>/<service>.sock``;
 xenstored also gets a Unix socket for Xen's own tools at
 ``<dir>/<host>/xenstored.socket`` (what ``XENSTORED_PATH`` names), and the
@@ -48,6 +51,7 @@ class Host:
     services: tuple[str, ...]
     endpoints: dict[str, str]
     rundir: Path
+    settings: dict[str, object] = attrs.Factory(dict)  #: [hosts.NAME.settings]
 
     def endpoint(self, service: str) -> str:
         """The nng endpoint of ``service`` on this host."""
@@ -103,7 +107,10 @@ def parse(text: str, source: Path | None = None) -> Topology:
             if not ep.startswith(("ipc://", "tcp://")):
                 raise TopologyError(f"host {name}: endpoint {ep!r} is not ipc:// or tcp://")
         endpoints.update(overrides)
-        hosts[name] = Host(name, h.get("address", "127.0.0.1"), services, endpoints, host_dir)
+        settings = dict(h.get("settings", {}))
+        hosts[name] = Host(
+            name, h.get("address", "127.0.0.1"), services, endpoints, host_dir, settings
+        )
     return Topology(rundir, hosts, source)
 
 

@@ -47,6 +47,19 @@ class Empty:
     pass
 
 
+@message(9073)
+class Envelope:
+    inner: codec.AnyMessage
+    many: tuple[codec.AnyMessage, ...]
+
+
+def test_any_message_fields_nest_any_registered_message() -> None:
+    env = Envelope(Inner(1, "a"), (Empty(), Inner(2, "b")))
+    assert codec.decode(codec.encode(env)) == env
+    with pytest.raises(CodecError):
+        codec.decode(msgpack.packb([9073, 5, []]))
+
+
 ints = st.integers(-(2**63), 2**64 - 1)
 inner_st = st.builds(Inner, ints, st.text())
 outer_st = st.builds(

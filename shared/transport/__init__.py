@@ -9,7 +9,7 @@
 from shared.transport._channel import Channel, ChannelStats, open_channel
 from shared.transport._faults import FaultInjector, FaultPlan, FaultStats
 from shared.transport._nng import TransportClosed
-from shared.transport._server import Server, ServerStats, open_server
+from shared.transport._server import Peer, Server, ServerStats, open_server
 from shared.transport._wire import CallTimeout, PeerLost, RemoteError, ServiceError
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "FaultInjector",
     "FaultPlan",
     "FaultStats",
+    "Peer",
     "PeerLost",
     "RemoteError",
     "Server",

@@ -110,6 +110,18 @@ class Server:
             return False
         return True
 
+    def send_nowait(self, peer: Peer, msg: Any) -> bool:
+        """A one-way message from synchronous code (a handler on the fast path):
+        handed to nng at once, or to a task when nng's queue is full."""
+        if peer.port.closed:
+            self.upcalls_dropped += 1
+            return False
+        self.upcalls_sent += 1
+        frame = _wire.pack(Kind.ONEWAY, 0, codec.to_wire(msg))
+        if not self._out.try_send_now(peer.port, frame, peer.pipe):
+            self._nursery.start_soon(self._send_frame, peer, frame)
+        return True
+
     def set_faults(self, plan: FaultPlan) -> None:
         """Faults on every frame this service sends."""
         self._out.set_faults(plan)

@@ -1,0 +1,418 @@
+"""The hypervisor process: the Trio adapter around the sans-IO :class:`Host`.
+
+It binds each connection to who it is (a vCPU of a guest through the token
+the hypervisor gave that vCPU's process, or dom0 through the host secret),
+hands every hypercall to the :class:`Dispatcher` as that caller, and carries
+out the effects: upcalls and interrupts become one-way messages to vCPU
+processes, dom0's events become notifications to the dom0 process that bound
+the port (as ``/dev/xen/evtchn`` does), blocked vCPUs wait for their wake-up,
+and timers are armed on a timerfd for sub-millisecond accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from services.hypervisor import control as ctl
+from services.hypervisor.callback import Callback, Via
+from services.hypervisor.domain import Personality
+from services.hypervisor.effects import ApicInterrupt, Block, DomainShutdown, Upcall, Wake
+from services.hypervisor.host import Host
+from services.hypervisor.hypercalls import Dispatcher
+from services.hypervisor.messages import (
+    HYPERCALL_MESSAGES,
+    ApicAccess,
+    Cpuid,
+    EventChannelOp,
+    HypercallResult,
+    MemoryOp,
+    SchedOp,
+    VcpuOp,
+)
+from services.hypervisor.vcpus import VcpuProcesses
+from shared.abi import hypercall as hc
+from shared.abi import sharedinfo as si
+from shared.abi.constants import EVTCHNOP, VCPUOP
+from shared.guestmem import GuestMemory, ram_path
+from shared.hostsecret import host_secret
+from shared.service import ServiceContext
+from shared.timerfd import TimerFd
+from shared.transport import Peer, ServiceError
+
+DOM0 = (0, 0)
+DOM0_VECTOR = 0xF3
+# Ports a dom0 process gets back from these ops are its own (notifications go to it).
+_PORT_MAKING_OPS = {
+    EVTCHNOP.alloc_unbound: hc.EvtchnAllocUnbound,
+    EVTCHNOP.bind_interdomain: hc.EvtchnBindInterdomain,
+    EVTCHNOP.bind_virq: hc.EvtchnBindVirq,
+    EVTCHNOP.bind_ipi: hc.EvtchnBindIpi,
+}
+
+
+@attrs.define(eq=False)
+class GuestRuntime:
+    """What the adapter keeps per guest beyond the cores: name, RAM, processes."""
+
+    name: str
+    memory: GuestMemory
+    tokens: tuple[str, ...]
+    running: bool = False
+
+
+class HypervisorService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.server = ctx.server
+        self.host_name = ctx.host.name
+        self.endpoint = ctx.host.endpoint("hypervisor")
+        self.secret = host_secret(ctx.host.rundir, create=True)
+        sshot_past = str(ctx.host.settings.get("sshot_past", "etime"))
+        self.core = Host(time.monotonic_ns, sshot_past=sshot_past)  # type: ignore[arg-type]
+        self.dispatcher = Dispatcher(self.core)
+        # Dom0's processes take their events through the adapter (_dom0_upcall),
+        # as if dom0's kernel had registered the vector callback.
+        self.core.evtchn.set_callback(0, Callback(Via.vector, DOM0_VECTOR))
+        self.guests: dict[int, GuestRuntime] = {}
+        self.processes = VcpuProcesses(ctx.nursery, ctx.host.rundir / "logs")
+        self._last_domid = 0
+        self.bindings: dict[Peer, tuple[int, int]] = {}
+        self.vcpu_peers: dict[tuple[int, int], Peer] = {}
+        self.dom0_ports: dict[int, Peer] = {}
+        self.waiters: dict[tuple[int, int], trio.Event] = {}
+        self.timer = TimerFd()
+        self.refused_bindings = 0
+        self.unbound_calls = 0
+        self.shutdowns: list[tuple[int, int]] = []
+
+    # --- wiring ---------------------------------------------------------------------
+
+    def install(self) -> None:
+        s = self.server
+        for cls in (*HYPERCALL_MESSAGES, Cpuid, ApicAccess):
+            if cls is not SchedOp:
+                s.route(cls, self.hypercall)
+        s.route(SchedOp, self.sched_op)
+        s.route(ctl.Dom0Hello, self.dom0_hello)
+        s.route(ctl.VcpuHello, self.vcpu_hello)
+        s.route(ctl.CreateDomain, self.create_domain)
+        s.route(ctl.DestroyDomain, self.destroy_domain)
+        s.route(ctl.UnpauseDomain, self.unpause_domain)
+        s.route(ctl.PauseDomain, self.pause_domain)
+        s.route(ctl.ShutdownDomain, self.shutdown_domain)
+        s.route(ctl.ListDomains, self.list_domains)
+        s.route(ctl.DomainDetailRequest, self.domain_detail)
+        s.on_disconnect = self.disconnected
+        self.ctx.add_stats("hypervisor", self.statistics)
+        self.ctx.add_cleanup(self.destroy_all)
+        self.ctx.nursery.start_soon(self._timer_loop)
+
+    async def destroy_all(self) -> None:
+        """On the way out: no vCPU process, memory file or timer is left."""
+        for domid in list(self.guests):
+            await self._destroy(domid)
+        self.timer.close()
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "domains": len(self.guests),
+            "bound_connections": len(self.bindings),
+            "refused_bindings": self.refused_bindings,
+            "unbound_calls": self.unbound_calls,
+            "internal_errors": self.dispatcher.internal_errors,
+            "evtchn": attrs.asdict(self.core.evtchn.statistics()),
+            "gnttab": attrs.asdict(self.core.gnttab.statistics()),
+            "vcpu_processes": self.processes.running(),
+        }
+
+    # --- identity ---------------------------------------------------------------------
+
+    def dom0_hello(self, peer: Peer, msg: ctl.Dom0Hello) -> ctl.Done:
+        if msg.secret != self.secret:
+            self.refused_bindings += 1
+            raise ServiceError("refused", "wrong host secret")
+        self.bindings[peer] = DOM0
+        return ctl.Done()
+
+    def vcpu_hello(self, peer: Peer, msg: ctl.VcpuHello) -> ctl.VcpuWelcome:
+        guest = self.guests.get(msg.domid)
+        if guest is None or not 0 <= msg.vcpu < len(guest.tokens):
+            self.refused_bindings += 1
+            raise ServiceError("refused", f"no vCPU {msg.vcpu} of domain {msg.domid}")
+        if msg.token != guest.tokens[msg.vcpu]:
+            self.refused_bindings += 1
+            raise ServiceError("refused", "wrong token for that vCPU")
+        key = (msg.domid, msg.vcpu)
+        self.bindings[peer] = key
+        self.vcpu_peers[key] = peer
+        d = self.core.domains.get(msg.domid)
+        assert d is not None
+        if self._runs(msg.domid, msg.vcpu):
+            self.server.send_nowait(peer, ctl.VcpuStart(msg.vcpu))
+        return ctl.VcpuWelcome(
+            msg.domid,
+            msg.vcpu,
+            d.nr_vcpus,
+            str(guest.memory.path),
+            d.nr_pages,
+            d.personality.value,
+            self.host_name,
+        )
+
+    def disconnected(self, peer: Peer) -> None:
+        key = self.bindings.pop(peer, None)
+        if key is not None and self.vcpu_peers.get(key) is peer:
+            del self.vcpu_peers[key]
+        for port in [p for p, owner in self.dom0_ports.items() if owner is peer]:
+            del self.dom0_ports[port]
+
+    def _caller(self, peer: Peer) -> tuple[int, int]:
+        who = self.bindings.get(peer)
+        if who is None:
+            self.unbound_calls += 1
+            raise ServiceError("unbound", "introduce yourself (VcpuHello or Dom0Hello) first")
+        return who
+
+    def _dom0(self, peer: Peer) -> None:
+        if self._caller(peer) != DOM0:
+            raise ServiceError("refused", "only dom0 may do that")
+
+    # --- hypercalls ---------------------------------------------------------------------
+
+    def hypercall(self, peer: Peer, msg: Any) -> HypercallResult:
+        domid, vcpu = self._caller(peer)
+        result, effects = self.dispatcher.dispatch(domid, vcpu, msg)
+        if result.value >= 0:  # first: a new dom0 port's owner must be known
+            self._after(peer, domid, vcpu, msg, result)
+        self._deliver(effects)
+        self._rearm()
+        return result
+
+    async def sched_op(self, peer: Peer, msg: SchedOp) -> HypercallResult:
+        domid, vcpu = self._caller(peer)
+        result, effects = self.dispatcher.dispatch(domid, vcpu, msg)
+        blocks = [e for e in effects if isinstance(e, Block)]
+        self._deliver(effects)
+        self._rearm()
+        for block in blocks:
+            await self._block(block)
+        return result
+
+    def _after(self, peer: Peer, domid: int, vcpu: int, msg: Any, result: HypercallResult) -> None:
+        """Bookkeeping the cores leave to the adapter."""
+        if domid == 0 and isinstance(msg, EventChannelOp) and msg.cmd in _PORT_MAKING_OPS:
+            rec = _PORT_MAKING_OPS[EVTCHNOP(msg.cmd)].unpack(result.data)
+            self.dom0_ports[getattr(rec, "port", getattr(rec, "local_port", 0))] = peer
+        elif isinstance(msg, VcpuOp) and msg.cmd in (VCPUOP.up, VCPUOP.down):
+            target = self.vcpu_peers.get((domid, msg.vcpuid))
+            if target is not None:
+                start = msg.cmd == VCPUOP.up and self._runs(domid, msg.vcpuid)
+                cls = ctl.VcpuStart if start else ctl.VcpuStop
+                self.server.send_nowait(target, cls(msg.vcpuid))
+        if domid != 0 and isinstance(msg, MemoryOp | VcpuOp):
+            self.core.publish_time(domid)
+
+    async def _block(self, block: Block) -> None:
+        key = (block.domid, block.vcpu)
+        if self.core.evtchn.events_pending(*key):
+            return
+        event = self.waiters[key] = trio.Event()
+        try:
+            if block.timeout_ns:
+                now = self.core.clock.now(block.domid)
+                with trio.move_on_after(max(0, block.timeout_ns - now) / 1e9):
+                    await event.wait()
+            else:
+                await event.wait()
+        finally:
+            if self.waiters.get(key) is event:
+                del self.waiters[key]
+            self.core.evtchn.cancel_poll(*key)
+
+    # --- effects ------------------------------------------------------------------------
+
+    def _deliver(self, effects: Any) -> None:
+        for e in effects:
+            if isinstance(e, Upcall | ApicInterrupt | Wake):
+                key = (e.domid, e.vcpu)
+                waiter = self.waiters.pop(key, None)
+                if waiter is not None:
+                    waiter.set()
+                if isinstance(e, Wake):
+                    continue
+                if e.domid == 0:
+                    self._dom0_upcall()
+                    continue
+                peer = self.vcpu_peers.get(key)
+                if peer is not None:
+                    self.server.send_nowait(peer, e)
+            elif isinstance(e, DomainShutdown):
+                self.shutdowns.append((e.domid, e.reason))
+
+    def _dom0_upcall(self) -> None:
+        """Dom0 is many processes: take its pending ports off its shared page
+        (as its kernel's upcall handler would) and tell each owner, like
+        ``/dev/xen/evtchn`` does."""
+        page, vcpu_off = self.core.evtchn.vcpu_info(0, 0)
+        si.set_upcall_pending(page, vcpu_off, False)
+        sel = si.take_pending_sel(page, vcpu_off)
+        by_owner: dict[Peer, list[int]] = {}
+        for word in range(64):
+            if not sel >> word & 1:
+                continue
+            bits = si.pending_word(page, word)
+            for bit in range(64):
+                if bits >> bit & 1:
+                    port = word * 64 + bit
+                    si.evtchn_clear_pending(page, port)
+                    owner = self.dom0_ports.get(port)
+                    if owner is not None:
+                        by_owner.setdefault(owner, []).append(port)
+        for owner, ports in by_owner.items():
+            self.server.send_nowait(owner, ctl.EvtchnNotify(tuple(ports)))
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline != self.timer.deadline_ns:
+            if deadline is None:
+                self.timer.disarm()
+            else:
+                self.timer.arm(deadline)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            try:
+                await self.timer.wait()
+            except trio.ClosedResourceError:
+                return  # closed by destroy_all on the way out
+            self.timer.deadline_ns = None
+            self._deliver(self.core.expire(time.monotonic_ns()))
+            self._rearm()
+
+    # --- domains ----------------------------------------------------------------------------
+
+    async def create_domain(self, peer: Peer, msg: ctl.CreateDomain) -> ctl.DomainCreated:
+        self._dom0(peer)
+        try:
+            personality = Personality(msg.personality)
+        except ValueError:
+            raise ServiceError("invalid", f"unknown personality {msg.personality!r}") from None
+        if not 1 <= msg.vcpus <= 32 or msg.memory_pages < 16:
+            raise ServiceError("invalid", "1-32 vCPUs and at least 16 pages of memory")
+        domid = self._next_domid()
+        memory = GuestMemory.create(ram_path(self.host_name, domid), msg.memory_pages)
+        try:
+            d = self.core.create_domain(
+                msg.memory_pages,
+                msg.vcpus,
+                personality,
+                msg.feature_mask,
+                domid=domid,
+                memory=memory.map,
+                time_offset=msg.time_offset,
+            )
+        except Exception:
+            memory.close()
+            memory.unlink()
+            raise
+        self.core.domains.pause(d.domid)
+        tokens = tuple(VcpuProcesses.new_token() for _ in range(msg.vcpus))
+        self.guests[d.domid] = GuestRuntime(msg.name, memory, tokens)
+        pids: tuple[int, ...] = ()
+        if msg.vcpu_command:
+            fill = {"domid": d.domid, "host": self.host_name, "rundir": self.ctx.host.rundir}
+            pids = await self.processes.spawn(
+                d.domid, msg.vcpu_command, fill, self.endpoint, tokens
+            )
+        return ctl.DomainCreated(d.domid, str(memory.path), pids, tokens)
+
+    async def destroy_domain(self, peer: Peer, msg: ctl.DestroyDomain) -> ctl.DomainDestroyed:
+        self._dom0(peer)
+        if msg.domid not in self.guests:
+            raise ServiceError("no-such-domain", f"no domain {msg.domid}")
+        return ctl.DomainDestroyed(msg.domid, await self._destroy(msg.domid))
+
+    async def _destroy(self, domid: int) -> dict[str, int]:
+        guest = self.guests.pop(domid)
+        await self.processes.kill_domain(domid)
+        for key in [k for k in self.vcpu_peers if k[0] == domid]:
+            self.bindings.pop(self.vcpu_peers.pop(key), None)
+        self.core.destroy_domain(domid)
+        self._rearm()
+        guest.memory.close()
+        guest.memory.unlink()
+        leftovers = self.core.leftovers(domid)
+        leftovers["processes"] = self.processes.count(domid)
+        leftovers["memory_file"] = int(guest.memory.path.exists())
+        return leftovers
+
+    def unpause_domain(self, peer: Peer, msg: ctl.UnpauseDomain) -> ctl.Done:
+        self._dom0(peer)
+        guest = self._guest(msg.domid)
+        self.core.domains.unpause(msg.domid)
+        guest.running = True
+        for (domid, vcpu), p in self.vcpu_peers.items():
+            if domid == msg.domid and self._runs(domid, vcpu):
+                self.server.send_nowait(p, ctl.VcpuStart(vcpu))
+        return ctl.Done()
+
+    def pause_domain(self, peer: Peer, msg: ctl.PauseDomain) -> ctl.Done:
+        self._dom0(peer)
+        self._guest(msg.domid).running = False
+        self.core.domains.pause(msg.domid)
+        for (domid, vcpu), p in self.vcpu_peers.items():
+            if domid == msg.domid:
+                self.server.send_nowait(p, ctl.VcpuStop(vcpu))
+        return ctl.Done()
+
+    def shutdown_domain(self, peer: Peer, msg: ctl.ShutdownDomain) -> ctl.Done:
+        self._dom0(peer)
+        self._guest(msg.domid)
+        self._deliver(self.core.shutdown_domain(msg.domid, msg.reason))
+        return ctl.Done()
+
+    def list_domains(self, peer: Peer, msg: ctl.ListDomains) -> ctl.DomainList:
+        self._dom0(peer)
+        return ctl.DomainList(self.core.domains.domains())
+
+    def domain_detail(self, peer: Peer, msg: ctl.DomainDetailRequest) -> ctl.DomainDetail:
+        self._dom0(peer)
+        d = self.core.domains.get(msg.domid)
+        if d is None:
+            raise ServiceError("no-such-domain", f"no domain {msg.domid}")
+        guest = self.guests.get(msg.domid)
+        return ctl.DomainDetail(
+            self.core.domains.info(msg.domid),
+            self.core.evtchn.table(msg.domid),
+            self.core.gnttab.grants_in_use(msg.domid),
+            tuple(self.core.accounting.vcpu(msg.domid, v) for v in range(d.nr_vcpus)),
+            self.processes.pids(msg.domid),
+            guest.name if guest else "Domain-0",
+        )
+
+    def _next_domid(self) -> int:
+        """Like Xen, do not hand a domid out again soon after it was used."""
+        while self._last_domid + 1 in self.core.domains:
+            self._last_domid += 1
+        self._last_domid += 1
+        return self._last_domid
+
+    def _guest(self, domid: int) -> GuestRuntime:
+        guest = self.guests.get(domid)
+        if guest is None:
+            raise ServiceError("no-such-domain", f"no domain {domid}")
+        return guest
+
+    def _runs(self, domid: int, vcpu: int) -> bool:
+        guest = self.guests.get(domid)
+        return bool(guest and guest.running and self.core.domains.vcpu_is_up(domid, vcpu) == 1)
+
+
+async def setup(ctx: ServiceContext) -> None:
+    HypervisorService(ctx).install()
