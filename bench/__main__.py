@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["transport", "xenstore"]
+BENCHES = ["transport", "xenstore", "hypercall", "evtchn"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import time
 
 import pynng
 import trio
@@ -39,6 +40,20 @@ class BenchQuery:
 @codec.message(9003)
 class BenchCount:
     count: int
+
+
+@codec.message(9004)
+class BenchStamp:
+    """A one-way message carrying its send time (time.monotonic_ns)."""
+
+    sent_ns: int
+
+
+@codec.message(9005)
+class BenchDelays:
+    """Query: the arrival delays of the stamps so far (and forget them)."""
+
+    delays_ns: tuple[int, ...] = ()
 
 
 def _answer(frame: bytes, counted: list[int]) -> bytes | None:
@@ -88,7 +103,19 @@ def serve_ours(endpoint: str) -> None:
             n, counted[0] = counted[0], 0
             return BenchCount(n)
 
+        delays: list[int] = []
+
+        def stamp(peer: object, msg: BenchStamp) -> None:
+            delays.append(time.monotonic_ns() - msg.sent_ns)
+
+        def report(peer: object, msg: BenchDelays) -> BenchDelays:
+            out = BenchDelays(tuple(delays))
+            delays.clear()
+            return out
+
         async with open_server(endpoint) as server:
+            server.route(BenchStamp, stamp)
+            server.route(BenchDelays, report)
             server.route(BenchEcho, lambda peer, msg: msg)
             server.route(BenchData, data)
             server.route(BenchQuery, query)

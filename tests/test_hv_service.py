@@ -22,6 +22,7 @@ from services.hypervisor.messages import (
     VcpuOp,
     XenVersion,
 )
+from services.hypervisor.testbed import SHARED_INFO_GFN, Guest, alive, dom0_evtchn, hypervisor_host
 from shared.abi import grant as gt
 from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
@@ -39,7 +40,6 @@ from shared.abi.constants import (
     xen_error,
 )
 from shared.transport import RemoteError
-from tests.hvtools import SHARED_INFO_GFN, Guest, alive, dom0_evtchn, hypervisor_host
 
 EINVAL = xen_error(XenErrno.EINVAL)
 EPERM = xen_error(XenErrno.EPERM)

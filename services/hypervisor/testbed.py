@@ -1,4 +1,4 @@
-"""Tools for tests and benchmarks that run a real hypervisor process with
+"""A test bed for tests and benchmarks: a real hypervisor process with
 scripted vCPU processes (puppets) in separate processes.
 
 ``async with hypervisor_host(tmp) as hv:`` starts ``python -m
