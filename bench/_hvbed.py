@@ -31,9 +31,17 @@ def pin_process(pid: int, cpu: int) -> None:
             pass
 
 
+def unpin_process(pid: int) -> None:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), range(os.cpu_count() or 1))
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 @asynccontextmanager
-async def bed() -> AsyncIterator[tuple[HvHost, str]]:
-    """(hypervisor host, endpoint of an echo peer on our transport)."""
+async def bed() -> AsyncIterator[tuple[HvHost, str, int]]:
+    """(hypervisor host, endpoint of an echo peer on our transport, its pid)."""
     pin_self()
     with tempfile.TemporaryDirectory(prefix="ds-b-", dir="/tmp") as tmp:
         echo = f"ipc://{tmp}/echo.sock"
@@ -53,7 +61,7 @@ async def bed() -> AsyncIterator[tuple[HvHost, str]]:
             time.sleep(0.5)
             async with hypervisor_host() as hv:
                 pin_process(hv.proc.pid, PEER_CPU)
-                yield hv, echo
+                yield hv, echo, peer.pid
         finally:
             peer.kill()
             peer.wait(5)

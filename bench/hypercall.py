@@ -30,7 +30,7 @@ async def _rtts(chan, msg, n: int) -> list[float]:  # type: ignore[no-untyped-de
 
 async def measure(rounds: int, n: int) -> tuple[list[float], list[float]]:
     hyper, bare = [], []
-    async with bed() as (hv, echo):
+    async with bed() as (hv, echo, _peer_pid):
         guest = await hv.create(vcpus=1, puppets=False)
         vcpu_chan = await hv.bind_as_vcpu(guest, 0)
         async with open_channel(echo) as echo_chan:

@@ -151,6 +151,31 @@ class Ok:
     pass
 
 
+@message(494)
+class Stamp:
+    """A one-way message carrying its send time, for one-hop latency."""
+
+    sent_ns: int
+
+
+@message(495)
+class PuppetStampTo:
+    """Send ``n`` :class:`Stamp` messages to another process's ``endpoint``,
+    ``gap`` seconds apart (the transport's one-way baseline between the same
+    two processes that exchange events)."""
+
+    endpoint: str
+    n: int
+    gap: float
+
+
+@message(496)
+class PuppetStamps:
+    """The delays of the stamps received so far (and forget them)."""
+
+    delays_ns: tuple[int, ...] = ()
+
+
 @attrs.define(eq=False)
 class Puppet:
     hv: Channel
@@ -164,6 +189,7 @@ class Puppet:
     held: list[object] = attrs.Factory(list)
     upcalls: list[UpcallSeen] = attrs.Factory(list)
     changed: trio.Event = attrs.Factory(trio.Event)
+    stamp_delays: list[int] = attrs.Factory(list)
 
     async def call(self, msg: object) -> HypercallResult:
         result = await self.hv.call(msg)
@@ -304,6 +330,26 @@ def _serve_control(server, puppet: Puppet) -> None:  # type: ignore[no-untyped-d
         except ValueError as exc:
             raise ServiceError("invalid", str(exc)) from None
 
+    def stamp(peer: Peer, msg: Stamp) -> None:
+        puppet.stamp_delays.append(time.monotonic_ns() - msg.sent_ns)
+
+    def stamps(peer: Peer, msg: PuppetStamps) -> PuppetStamps:
+        out = PuppetStamps(tuple(puppet.stamp_delays))
+        puppet.stamp_delays.clear()
+        return out
+
+    async def stamp_to(peer: Peer, msg: PuppetStampTo) -> Ok:
+        async with open_channel(msg.endpoint) as chan:
+            await chan.wait_connected()
+            for _ in range(msg.n):
+                await chan.send(Stamp(time.monotonic_ns()))
+                await trio.sleep(msg.gap)
+            await chan.call(PuppetUpcalls(clear=False), timeout=10)  # the stamps are in
+        return Ok()
+
+    server.route(Stamp, stamp)
+    server.route(PuppetStamps, stamps)
+    server.route(PuppetStampTo, stamp_to)
     server.route(PuppetHold, hold)
     server.route(PuppetPoke, poke)
     server.route(PuppetPeek, peek)

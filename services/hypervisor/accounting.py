@@ -64,4 +64,7 @@ class Accounting:
         return AccountingStats(tuple(self.vcpu(d, v) for d, v in sorted(self._vcpus)))
 
     def _counters(self, domid: int, vcpu: int) -> _Counters:
-        return self._vcpus.setdefault((domid, vcpu), _Counters())
+        c = self._vcpus.get((domid, vcpu))
+        if c is None:
+            c = self._vcpus[domid, vcpu] = _Counters()
+        return c

@@ -482,14 +482,18 @@ class EventChannels:
     def _pending_ports(self, d: _Domain, vcpu: int) -> tuple[int, ...]:
         buf, off = d.vcpu_info[vcpu]
         sel, ports = si.pending_sel(buf, off), []
-        for word in range(64):
-            if sel >> word & 1:
-                bits = si.pending_word(d.shared, word)
-                for bit in range(64):
-                    port = word * 64 + bit
-                    ch = d.channels.get(port)
-                    if bits >> bit & 1 and ch is not None and ch.vcpu == vcpu:
-                        ports.append(port)
+        while sel:  # set bits only: this runs on every delivered event
+            low = sel & -sel
+            sel ^= low
+            word = low.bit_length() - 1
+            bits = si.pending_word(d.shared, word)
+            while bits:
+                lowbit = bits & -bits
+                bits ^= lowbit
+                port = word * 64 + lowbit.bit_length() - 1
+                ch = d.channels.get(port)
+                if ch is not None and ch.vcpu == vcpu:
+                    ports.append(port)
         return tuple(ports)
 
     def _fail(self, op: str, errno: int) -> Outcome:

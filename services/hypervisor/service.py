@@ -54,6 +54,9 @@ _PORT_MAKING_OPS = {
 }
 
 
+_KICKS = (Upcall, ApicInterrupt, Wake)
+
+
 @attrs.define(eq=False)
 class GuestRuntime:
     """What the adapter keeps per guest beyond the cores: name, RAM, processes."""
@@ -204,7 +207,10 @@ class HypervisorService:
 
     def _after(self, peer: Peer, domid: int, vcpu: int, msg: Any, result: HypercallResult) -> None:
         """Bookkeeping the cores leave to the adapter."""
-        if domid == 0 and isinstance(msg, EventChannelOp) and msg.cmd in _PORT_MAKING_OPS:
+        kind = type(msg)
+        if kind is EventChannelOp and (domid != 0 or msg.cmd not in _PORT_MAKING_OPS):
+            return  # the hot path: nothing to do
+        if domid == 0 and kind is EventChannelOp:
             rec = _PORT_MAKING_OPS[EVTCHNOP(msg.cmd)].unpack(result.data)
             self.dom0_ports[getattr(rec, "port", getattr(rec, "local_port", 0))] = peer
         elif isinstance(msg, VcpuOp) and msg.cmd in (VCPUOP.up, VCPUOP.down):
@@ -213,7 +219,7 @@ class HypervisorService:
                 start = msg.cmd == VCPUOP.up and self._runs(domid, msg.vcpuid)
                 cls = ctl.VcpuStart if start else ctl.VcpuStop
                 self.server.send_nowait(target, cls(msg.vcpuid))
-        if domid != 0 and isinstance(msg, MemoryOp | VcpuOp):
+        if domid != 0 and kind in (MemoryOp, VcpuOp):
             self.core.publish_time(domid)
 
     async def _block(self, block: Block) -> None:
@@ -237,7 +243,7 @@ class HypervisorService:
 
     def _deliver(self, effects: Any) -> None:
         for e in effects:
-            if isinstance(e, Upcall | ApicInterrupt | Wake):
+            if isinstance(e, _KICKS):
                 key = (e.domid, e.vcpu)
                 waiter = self.waiters.pop(key, None)
                 if waiter is not None:
