@@ -181,13 +181,7 @@ async def hypervisor_host(**settings: str) -> AsyncIterator[HvHost]:
     rundir.mkdir()
     topo = _topology(rundir, settings)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.environ.get("DS_HV_SCRIPT", "-m"),
-            *([] if os.environ.get("DS_HV_SCRIPT") else ["services.hypervisor"]),
-            "--topology",
-            str(topo),
-        ],
+        [sys.executable, "-m", "services.hypervisor", "--topology", str(topo)],
         stdout=open(base / "hv.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
     )
