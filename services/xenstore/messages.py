@@ -10,13 +10,10 @@ ones. Before sending frames a peer binds its connection to a domid with
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 from shared.codec import message
-
-SECRET_FILE = "xenstored.secret"
+from shared.hostsecret import host_secret as shared_host_secret
 
 
 @message(300)
@@ -52,14 +49,5 @@ class XsVouch:
 
 
 def host_secret(rundir: Path, *, create: bool = False) -> bytes:
-    """The host secret in ``rundir`` (made, mode 0600, if ``create`` and missing)."""
-    path = Path(rundir) / SECRET_FILE
-    if create and not path.exists():
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-    return path.read_bytes().strip()
+    """The host secret (:mod:`shared.hostsecret`), as the bytes XsBind carries."""
+    return shared_host_secret(rundir, create=create).encode()
