@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.hypervisor import control as ctl
+from services.hypervisor.lapic import APIC
 from services.hypervisor.messages import (
+    ApicAccess,
     EventChannelOp,
     GrantTableOp,
     HvmOp,
@@ -405,3 +407,42 @@ async def test_dom0_gets_notified_for_its_own_ports() -> None:
             with trio.fail_after(5):
                 note = await hv.dom0.receive()
             assert note.ports == (bound.local_port,)
+
+
+async def test_trace_records_every_exit_in_order() -> None:
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a = await hv.create(vcpus=2)
+            await a.pv_setup()
+            await a.bring_up()
+            await a.vcpus[1].evtchn(EVTCHNOP.bind_virq, hc.EvtchnBindVirq(VIRQ.TIMER, 1))
+            await a.vcpus[1].call(VcpuOp(VCPUOP.stop_periodic_timer, 1, b""))
+            trace = (await hv.dom0.call(ctl.TraceRequest(a.domid, clear=True))).entries
+            names = [(e.vcpu, e.name) for e in trace]
+            assert names == [
+                (0, "hypercall:memory_op.add_to_physmap"),
+                (0, "hypercall:hvm_op.set_param"),
+                (0, "hypercall:vcpu_op.up"),
+                (1, "hypercall:event_channel_op.bind_virq"),
+                (1, "hypercall:vcpu_op.stop_periodic_timer"),
+            ]
+            assert [e.seq for e in trace] == sorted(e.seq for e in trace)
+            assert trace[2].target == 1 and trace[3].arg[:4] == bytes(4)  # VIRQ_TIMER = 0
+            assert (await hv.dom0.call(ctl.TraceRequest(a.domid))).entries == ()
+
+
+async def test_sipi_starts_an_ap_on_bare_metal() -> None:
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a = await hv.create(vcpus=2, personality="bare")
+            v0 = a.vcpus[0]
+            assert (await v0.call(XenVersion(0, b""))).value == xen_error(XenErrno.ENOSYS)
+            info = (await hv.dom0.call(ctl.DomainDetailRequest(a.domid))).info
+            assert info.online_vcpus == 1
+            await v0.call(ApicAccess(APIC.ICR2, True, 1 << 24))
+            await v0.call(ApicAccess(APIC.ICR, True, 5 << 8))  # INIT
+            await v0.call(ApicAccess(APIC.ICR, True, 6 << 8 | 0x10))  # SIPI
+            info = (await hv.dom0.call(ctl.DomainDetailRequest(a.domid))).info
+            assert info.online_vcpus == 2
+            exits = (await hv.dom0.call(ctl.DomainDetailRequest(a.domid))).vcpus[0].exits
+            assert exits.get("icr_write", 0) == 3  # ICR2 + INIT + SIPI: each an exit

@@ -155,3 +155,32 @@ class EvtchnNotify:
     """One-way to a dom0 process: these of its ports fired (``/dev/xen/evtchn``)."""
 
     ports: tuple[int, ...]
+
+
+@message(248)
+class TraceEntry:
+    """One exit of a domain's vCPU, in order: ``name`` is the exit reason
+    (``hypercall:vcpu_op.set_singleshot_timer``, ``cpuid``, ``icr_write``...),
+    ``arg`` the argument bytes as the guest passed them (for ``VcpuOp`` the
+    target vCPU id is ``target``), ``rc`` the result."""
+
+    seq: int
+    vcpu: int
+    name: str
+    target: int
+    arg: bytes
+    rc: int
+
+
+@message(249)
+class TraceRequest:
+    """The recorded exits of ``domid`` (``clear`` forgets them after)."""
+
+    domid: int
+    clear: bool = False
+
+
+@message(256)
+class Trace:
+    entries: tuple[TraceEntry, ...]
+    dropped: int

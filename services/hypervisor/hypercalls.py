@@ -109,11 +109,7 @@ class Dispatcher:
         d = self.host.domains.get(caller)
         if d is None or not 0 <= vcpu < d.nr_vcpus:
             return HypercallResult(ESRCH, b""), ()
-        reason_key = (type(msg), getattr(msg, "cmd", None))
-        reason = self._reasons.get(reason_key)
-        if reason is None:  # the reason string is built once per (message, command)
-            reason = self._reasons[reason_key] = self._reason(msg)
-        self.host.accounting.record_exit(caller, vcpu, reason)
+        self.host.accounting.record_exit(caller, vcpu, self.reason(msg))
         if not d.is_xen and not isinstance(msg, Cpuid | ApicAccess):
             return HypercallResult(ENOSYS, b""), ()
         handler = self._HANDLERS.get(type(msg))
@@ -130,6 +126,14 @@ class Dispatcher:
             return HypercallResult(EFAULT, b""), ()
         data = out.data if isinstance(out.data, bytes) else b""
         return HypercallResult(out.value, data), out.effects
+
+    def reason(self, msg: object) -> str:
+        """The exit reason of ``msg`` (``hypercall:event_channel_op.send``...)."""
+        key = (type(msg), getattr(msg, "cmd", None))
+        reason = self._reasons.get(key)
+        if reason is None:  # built once per (message, command)
+            reason = self._reasons[key] = self._reason(msg)
+        return reason
 
     @staticmethod
     def _reason(msg: object) -> str:

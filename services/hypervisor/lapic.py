@@ -198,20 +198,24 @@ class Lapics:
         left = max(0, a.deadline - self.host_now())
         return (left % a.period if a.periodic else left) // (divisor(a.tdcr) * APIC_BUS_CYCLE_NS)
 
-    def _send_ipi(self, domid: int, vcpu: int, icr: int) -> Effects:
+    def ipi_targets(self, domid: int, vcpu: int, icr: int) -> list[int]:
+        """The vCPUs an ICR write of ``vcpu`` addresses (shorthand, logical or
+        physical destination in ICR2)."""
         apics = self._apics[domid]
         shorthand = (icr >> APIC_SHORTHAND_SHIFT) & 3
-        dest = self._apics[domid][vcpu].icr2 >> 24
+        dest = apics[vcpu].icr2 >> 24
         if shorthand == 1:
-            targets = [vcpu]
-        elif shorthand in (2, 3):
-            targets = [v for v in range(len(apics)) if shorthand == 2 or v != vcpu]
-        elif icr & APIC_DEST_LOGICAL:  # flat logical model: bit n is vCPU n
-            targets = [v for v in range(min(len(apics), 8)) if dest >> v & 1]
-        elif dest == APIC_BROADCAST:
-            targets = list(range(len(apics)))
-        else:
-            targets = [dest] if dest < len(apics) else []
+            return [vcpu]
+        if shorthand in (2, 3):
+            return [v for v in range(len(apics)) if shorthand == 2 or v != vcpu]
+        if icr & APIC_DEST_LOGICAL:  # flat logical model: bit n is vCPU n
+            return [v for v in range(min(len(apics), 8)) if dest >> v & 1]
+        if dest == APIC_BROADCAST:
+            return list(range(len(apics)))
+        return [dest] if dest < len(apics) else []
+
+    def _send_ipi(self, domid: int, vcpu: int, icr: int) -> Effects:
+        targets = self.ipi_targets(domid, vcpu, icr)
         mode, vector = (icr >> 8) & 7, icr & 0xFF
         if mode == APIC_DM_NMI:
             return tuple(ApicInterrupt(domid, t, NMI_VECTOR, nmi=True) for t in targets)

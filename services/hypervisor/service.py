@@ -11,6 +11,8 @@ and timers are armed on a timerfd for sub-millisecond accuracy.
 
 from __future__ import annotations
 
+import collections
+import struct
 import time
 from typing import Any
 
@@ -23,6 +25,7 @@ from services.hypervisor.domain import Personality
 from services.hypervisor.effects import ApicInterrupt, Block, DomainShutdown, Upcall, Wake
 from services.hypervisor.host import Host
 from services.hypervisor.hypercalls import Dispatcher
+from services.hypervisor.lapic import APIC
 from services.hypervisor.messages import (
     HYPERCALL_MESSAGES,
     ApicAccess,
@@ -44,6 +47,7 @@ from shared.timerfd import TimerFd
 from shared.transport import Peer, ServiceError
 
 DOM0 = (0, 0)
+APIC_DM_STARTUP = 6  # ICR delivery mode of a SIPI
 DOM0_VECTOR = 0xF3
 # Ports a dom0 process gets back from these ops are its own (notifications go to it).
 _PORT_MAKING_OPS = {
@@ -55,6 +59,22 @@ _PORT_MAKING_OPS = {
 
 
 _KICKS = (Upcall, ApicInterrupt, Wake)
+
+
+_APIC_ARG = struct.Struct("<I?Q")  # reg, write, value
+_CPUID_ARG = struct.Struct("<II")  # leaf, subleaf
+TRACE_LENGTH = 100_000  # exits kept per domain (a ring: the oldest go first)
+
+
+@attrs.define(eq=False)
+class DomainTrace:
+    """The hypervisor's call log of one domain (guest-behaviour E: "trace")."""
+
+    entries: collections.deque[ctl.TraceEntry] = attrs.Factory(
+        lambda: collections.deque(maxlen=TRACE_LENGTH)
+    )
+    seq: int = 0
+    dropped: int = 0
 
 
 @attrs.define(eq=False)
@@ -87,6 +107,7 @@ class HypervisorService:
         self.vcpu_peers: dict[tuple[int, int], Peer] = {}
         self.dom0_ports: dict[int, Peer] = {}
         self.waiters: dict[tuple[int, int], trio.Event] = {}
+        self.traces: dict[int, DomainTrace] = {}
         self.timer = TimerFd()
         self.refused_bindings = 0
         self.unbound_calls = 0
@@ -109,6 +130,7 @@ class HypervisorService:
         s.route(ctl.ShutdownDomain, self.shutdown_domain)
         s.route(ctl.ListDomains, self.list_domains)
         s.route(ctl.DomainDetailRequest, self.domain_detail)
+        s.route(ctl.TraceRequest, self.trace)
         s.on_disconnect = self.disconnected
         self.ctx.add_stats("hypervisor", self.statistics)
         self.ctx.add_cleanup(self.destroy_all)
@@ -189,6 +211,7 @@ class HypervisorService:
     def hypercall(self, peer: Peer, msg: Any) -> HypercallResult:
         domid, vcpu = self._caller(peer)
         result, effects = self.dispatcher.dispatch(domid, vcpu, msg)
+        self._trace(domid, vcpu, msg, result.value)
         if result.value >= 0:  # first: a new dom0 port's owner must be known
             self._after(peer, domid, vcpu, msg, result)
         self._deliver(effects)
@@ -198,6 +221,7 @@ class HypervisorService:
     async def sched_op(self, peer: Peer, msg: SchedOp) -> HypercallResult:
         domid, vcpu = self._caller(peer)
         result, effects = self.dispatcher.dispatch(domid, vcpu, msg)
+        self._trace(domid, vcpu, msg, result.value)
         blocks = [e for e in effects if isinstance(e, Block)]
         self._deliver(effects)
         self._rearm()
@@ -219,8 +243,21 @@ class HypervisorService:
                 start = msg.cmd == VCPUOP.up and self._runs(domid, msg.vcpuid)
                 cls = ctl.VcpuStart if start else ctl.VcpuStop
                 self.server.send_nowait(target, cls(msg.vcpuid))
+        elif kind is ApicAccess and msg.write and msg.reg == APIC.ICR:
+            if (msg.value >> 8) & 7 == APIC_DM_STARTUP:
+                self._startup_ipi(domid, vcpu, msg.value)
         if domid != 0 and kind in (MemoryOp, VcpuOp):
             self.core.publish_time(domid)
+
+    def _startup_ipi(self, domid: int, vcpu: int, icr: int) -> None:
+        """INIT-SIPI-SIPI, the bare-metal way to start an AP: the SIPI brings
+        the target online (a PV guest uses VCPUOP_up instead)."""
+        for target in self.core.lapics.ipi_targets(domid, vcpu, icr):
+            if target != vcpu and self.core.domains.vcpu_is_up(domid, target) == 0:
+                self.core.domains.vcpu_up(domid, target, True)
+                peer = self.vcpu_peers.get((domid, target))
+                if peer is not None and self._runs(domid, target):
+                    self.server.send_nowait(peer, ctl.VcpuStart(target))
 
     async def _block(self, block: Block) -> None:
         key = (block.domid, block.vcpu)
@@ -238,6 +275,35 @@ class HypervisorService:
             if self.waiters.get(key) is event:
                 del self.waiters[key]
             self.core.evtchn.cancel_poll(*key)
+
+    def _trace(self, domid: int, vcpu: int, msg: Any, rc: int) -> None:
+        trace = self.traces.get(domid)
+        if trace is None:
+            return  # dom0's own calls are not traced
+        if len(trace.entries) == trace.entries.maxlen:
+            trace.dropped += 1
+        if isinstance(msg, ApicAccess):
+            arg = _APIC_ARG.pack(msg.reg, msg.write, msg.value & 0xFFFFFFFFFFFFFFFF)
+        elif isinstance(msg, Cpuid):
+            arg = _CPUID_ARG.pack(msg.leaf & 0xFFFFFFFF, msg.subleaf & 0xFFFFFFFF)
+        else:
+            arg = getattr(msg, "arg", None) or getattr(msg, "args", b"")
+        target = msg.vcpuid if isinstance(msg, VcpuOp) else vcpu
+        trace.seq += 1
+        trace.entries.append(
+            ctl.TraceEntry(trace.seq, vcpu, self.dispatcher.reason(msg), target, arg, rc)
+        )
+
+    def trace(self, peer: Peer, msg: ctl.TraceRequest) -> ctl.Trace:
+        self._dom0(peer)
+        trace = self.traces.get(msg.domid)
+        if trace is None:
+            raise ServiceError("no-such-domain", f"no domain {msg.domid}")
+        out = ctl.Trace(tuple(trace.entries), trace.dropped)
+        if msg.clear:
+            trace.entries.clear()
+            trace.dropped = 0
+        return out
 
     # --- effects ------------------------------------------------------------------------
 
@@ -330,6 +396,7 @@ class HypervisorService:
         self.core.domains.pause(d.domid)
         tokens = tuple(VcpuProcesses.new_token() for _ in range(msg.vcpus))
         self.guests[d.domid] = GuestRuntime(msg.name, memory, tokens)
+        self.traces[d.domid] = DomainTrace()
         pids: tuple[int, ...] = ()
         if msg.vcpu_command:
             fill = {"domid": d.domid, "host": self.host_name, "rundir": self.ctx.host.rundir}
@@ -346,6 +413,7 @@ class HypervisorService:
 
     async def _destroy(self, domid: int) -> dict[str, int]:
         guest = self.guests.pop(domid)
+        self.traces.pop(domid, None)
         await self.processes.kill_domain(domid)
         for key in [k for k in self.vcpu_peers if k[0] == domid]:
             self.bindings.pop(self.vcpu_peers.pop(key), None)
