@@ -98,6 +98,7 @@ class DomainDetail:
     vcpus: tuple[VcpuStats, ...]
     vcpu_pids: tuple[int, ...]
     name: str
+    vcpu_online: tuple[bool, ...] = ()
 
 
 @message(241)

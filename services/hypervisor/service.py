@@ -468,6 +468,7 @@ class HypervisorService:
             tuple(self.core.accounting.vcpu(msg.domid, v) for v in range(d.nr_vcpus)),
             self.processes.pids(msg.domid),
             guest.name if guest else "Domain-0",
+            tuple(v.online for v in d.vcpus),
         )
 
     def _next_domid(self) -> int:

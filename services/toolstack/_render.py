@@ -117,3 +117,13 @@ def service_line(state: ServiceState) -> str:
     """One line for the verbs that act on a single service."""
     alive = "alive" if state.alive else "not running"
     return f"{state.service}: {state.state}, pid {state.pid or '-'} ({alive}), restarts {state.restarts}"
+
+
+def print_rows(columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """A plain table of ``rows`` (dicts) with the given columns."""
+    table = Table(box=None, header_style="bold")
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    console().print(table)

@@ -1,0 +1,71 @@
+"""The domain verbs against a live host: create, list, vcpu-list, exits,
+interrupts, dmesg, destroy — processes, xenstore and cleanup checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import trio
+
+from services.hypervisor.testbed import alive
+from services.toolstack._testing import run_cli, temporary_host
+
+CFG = """
+name = "t1"
+vcpus = 2
+memory = 16
+platform = "xen"
+kernel = "puppet"
+"""
+
+
+def _json(proc: subprocess.CompletedProcess) -> object:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+async def test_domain_life_cycle_through_the_cli(tmp_path) -> None:
+    cfg = tmp_path / "t1.cfg"
+    cfg.write_text(CFG)
+    with trio.fail_after(90), temporary_host(("hypervisor", "xenstore")) as host:
+        topo = ("-t", str(host.path))
+        up = await run_cli("host", "up", *topo, timeout=60)
+        assert up.returncode == 0, up.stderr
+        created = _json(await run_cli("create", str(cfg), *topo, "--json"))
+        domid = created["domid"]
+        again = await run_cli("create", str(cfg), *topo)
+        assert again.returncode == 1 and b"exists" in again.stderr
+        listed = _json(await run_cli("list", *topo, "--json"))
+        assert [(d["name"], d["vcpus"], d["state"]) for d in listed] == [
+            ("Domain-0", 1, "r"),
+            ("t1", 2, "r"),
+        ]
+        vcpus = _json(await run_cli("vcpu-list", "t1", *topo, "--json"))
+        assert [v["state"] for v in vcpus] == ["online", "offline"]
+        pids = [v["pid"] for v in vcpus]
+        assert all(alive(p) for p in pids)
+        exits = _json(await run_cli("exits", str(domid), *topo, "--json"))
+        assert set(exits["vcpus"]) == {"0", "1"}
+        irq = _json(await run_cli("interrupts", "t1", *topo, "--json"))
+        assert set(irq["vcpus"]) == {"0", "1"}
+        assert (await run_cli("dmesg", "t1", *topo)).returncode == 0
+        xs = await trio.run_process(
+            ["xenstore-read", f"/local/domain/{domid}/name"],
+            capture_stdout=True,
+            env={"XENSTORED_PATH": str(host.host.xenstored_path)},
+        )
+        assert xs.stdout.strip() == b"t1"
+        gone = _json(await run_cli("destroy", "t1", *topo, "--json"))
+        assert set(gone["leftovers"].values()) == {0}
+        assert not any(alive(p) for p in pids)
+        listed = _json(await run_cli("list", *topo, "--json"))
+        assert [d["name"] for d in listed] == ["Domain-0"]
+        missing = await run_cli("destroy", "t1", *topo)
+        assert missing.returncode == 1 and b"no domain" in missing.stderr
+        xs = await trio.run_process(
+            ["xenstore-exists", f"/local/domain/{domid}"],
+            check=False,
+            env={"XENSTORED_PATH": str(host.host.xenstored_path)},
+        )
+        assert xs.returncode != 0
