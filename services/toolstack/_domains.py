@@ -28,8 +28,10 @@ from services.hypervisor import control as ctl
 from services.toolstack import _render
 from services.toolstack._host import fail, load_host
 from services.toolstack._registry import arg, json_arg, topology_args, verb
+from services.toolstack.disks import DiskSpecError, parse_disk
 from services.toolstack.domcfg import ConfigError, DomainConfig
 from services.toolstack.domcfg import load as load_config
+from services.toolstack.vbd import attach
 from services.xenstore.client import XsClient, open_xs_client
 from services.xenstore.messages import XsVouch
 from services.xenstore.messages import host_secret as xs_secret
@@ -50,7 +52,15 @@ KERNELS = {
         "ipc://{rundir}/p{domid}-{vcpu}.sock",
     ),
 }
-ERRORS = (trio.TooSlowError, CallTimeout, PeerLost, RemoteError, ConfigError, LookupError)
+ERRORS = (
+    trio.TooSlowError,
+    CallTimeout,
+    PeerLost,
+    RemoteError,
+    ConfigError,
+    DiskSpecError,
+    LookupError,
+)
 
 
 @attrs.define(eq=False)
@@ -85,6 +95,9 @@ async def create_domain(d: Dom0, cfg: DomainConfig) -> int:
     kernel = KERNELS.get(str(cfg.extra.get("kernel", "generic")))
     if kernel is None:
         raise ConfigError(f"kernel: one of {', '.join(KERNELS)}")
+    disks = [parse_disk(spec) for spec in cfg.disk]
+    if disks and d.xs is None:
+        raise ConfigError("disks need xenstored on the host")
     configs = d.host.rundir / "guests"
     configs.mkdir(parents=True, exist_ok=True)
     cfg_path = configs / f"{cfg.name}.json"
@@ -106,6 +119,8 @@ async def create_domain(d: Dom0, cfg: DomainConfig) -> int:
     guest_dir(d.host, domid).mkdir(parents=True, exist_ok=True)
     if d.xs is not None:
         await introduce(d.xs, domid, cfg, token)
+        for disk in disks:
+            await attach(d.xs, domid, disk)
     await d.hv.call(ctl.UnpauseDomain(domid))
     return domid
 

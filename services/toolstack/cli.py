@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from services.toolstack import _demo, _domains, _host  # noqa: F401  (they register their verbs)
+from services.toolstack import _blk, _demo, _domains, _host  # noqa: F401  (they register their verbs)
 from services.toolstack._registry import build_parser
 
 
