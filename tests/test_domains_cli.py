@@ -69,3 +69,24 @@ async def test_domain_life_cycle_through_the_cli(tmp_path) -> None:
             env={"XENSTORED_PATH": str(host.host.xenstored_path)},
         )
         assert xs.returncode != 0
+
+
+async def test_release_domain_fires_when_a_domain_shuts_down(tmp_path) -> None:
+    from services.hypervisor import control as ctl
+    from services.toolstack._domains import dom0
+    from shared.abi.constants import SHUTDOWN
+
+    cfg = tmp_path / "t2.cfg"
+    cfg.write_text(CFG.replace('"t1"', '"t2"'))
+    with trio.fail_after(90), temporary_host(("hypervisor", "xenstore")) as host:
+        topo = ("-t", str(host.path))
+        assert (await run_cli("host", "up", *topo, timeout=60)).returncode == 0
+        domid = _json(await run_cli("create", str(cfg), *topo, "--json"))["domid"]
+        async with dom0(host.host) as d:
+            await d.xs.watch("@releaseDomain", "rel")
+            assert await d.xs.event() == (b"@releaseDomain", b"rel")  # registration
+            await d.hv.call(ctl.ShutdownDomain(domid, SHUTDOWN.poweroff))
+            with trio.fail_after(10):
+                assert await d.xs.event() == (b"@releaseDomain", b"rel")
+            listed = (await d.hv.call(ctl.ListDomains())).domains
+            assert [i.shutdown_reason for i in listed if i.domid == domid] == [SHUTDOWN.poweroff]

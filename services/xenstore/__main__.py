@@ -7,6 +7,7 @@ durable in the host's run directory.
 
 from __future__ import annotations
 
+from services.xenstore.domexc import watch_dom_exc
 from services.xenstore.server import open_service
 from shared.service import ServiceContext, main
 
@@ -17,6 +18,10 @@ async def setup(ctx: ServiceContext) -> None:
     ctx.add_stats("xenstore", service.core.statistics)
     ctx.add_stats("journal", service.journal.statistics)
     ctx.nursery.start_soon(service.syncer)
+    if "hypervisor" in ctx.host.services:
+        ctx.nursery.start_soon(
+            watch_dom_exc, ctx.host, lambda: list(service.core.domains), service.report_shutdown
+        )
     await ctx.nursery.start(service.serve_unix, ctx.host.xenstored_path)
 
 

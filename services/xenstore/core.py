@@ -149,6 +149,15 @@ class XenStore:
         events.append((conn, reply))
         return events
 
+    def report_shutdown(self, domid: int) -> list[Output]:
+        """The hypervisor says ``domid`` shut down, crashed or is gone: the
+        ``@releaseDomain`` events to send (nothing if already reported)."""
+        self._events = []
+        domain.domain_shutdown(self, domid)
+        self._take_log()
+        events, self._events = self._events, []
+        return events
+
     def _refuse(self, msg: XsMessage, name: str) -> XsMessage:
         self.errors[name] += 1
         return xs_wire.error_reply(msg, name)

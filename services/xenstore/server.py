@@ -129,6 +129,14 @@ class XenStoreService:
         for msg in msgs:
             outputs += self.core.handle(link.conn, msg)
         link.taken(len(msgs))
+        self._release(outputs)
+
+    def report_shutdown(self, domid: int) -> None:
+        """``@releaseDomain`` for a domain the hypervisor reports shut down."""
+        self._release(self.core.report_shutdown(domid))
+
+    def _release(self, outputs: list[Output]) -> None:
+        """Journal what changed; send ``outputs`` once that is durable."""
         records = self.core.take_records()
         if records:
             self.journal.append(records)
