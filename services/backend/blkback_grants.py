@@ -1,0 +1,161 @@
+"""Dom0's side of grants and event channels for blkback (Trio adapter).
+
+:class:`Dom0Hypervisor` is blkback's channel to the hypervisor, bound as dom0:
+batched ``GNTTABOP_map_grant_ref``/``unmap_grant_ref`` (one hypercall for
+every grant of a batch of requests), ``bind_interdomain``, ``close`` and the
+one-way ``EVTCHNOP_send`` that notifies a frontend. A successful map answers
+``dev_bus_addr``, the frame of the frontend's RAM file to use.
+
+:class:`GrantCache` holds one connection's mappings: per-request ones, unmapped
+when the request completes, and persistent ones (``feature-persistent``),
+kept mapped writable up to :data:`MAX_PERSISTENT_GRANTS` so a frontend that
+reuses its grant refs costs no hypercall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+from services.hypervisor import control as ctl
+from services.hypervisor.messages import EventChannelOp, GrantTableOp
+from shared.abi import grant as gt
+from shared.abi import hypercall as hc
+from shared.abi.constants import EVTCHNOP
+from shared.transport import Channel
+
+MAX_PERSISTENT_GRANTS = 1056  # Linux blkback's default (xen_blkif_max_pgrants)
+HYPERCALL_TIMEOUT = 10.0
+
+
+class GrantError(Exception):
+    """A grant the frontend gave us cannot be mapped; ``status`` is the GNTST."""
+
+    def __init__(self, ref: int, status: int) -> None:
+        super().__init__(f"grant ref {ref}: {gt.GNTST(status).name}")
+        self.ref = ref
+        self.status = status
+
+
+@attrs.frozen
+class Mapping:
+    ref: int
+    handle: int
+    gfn: int
+    readonly: bool
+
+
+class Dom0Hypervisor:
+    """Hypercalls as dom0 over one channel (``Dom0Hello`` first)."""
+
+    def __init__(self, chan: Channel) -> None:
+        self.chan = chan
+        self.hypercalls = 0
+
+    async def hello(self, secret: str) -> None:
+        await self.chan.call(ctl.Dom0Hello(secret), timeout=HYPERCALL_TIMEOUT)
+
+    async def map(self, domid: int, refs: Sequence[tuple[int, bool]]) -> list[Mapping | GrantError]:
+        """Map ``(ref, readonly)`` grants of ``domid``; one result per ref."""
+        if not refs:
+            return []
+        ops = b"".join(
+            gt.GnttabMapGrantRef(
+                0, gt.GNTMAP.HOST_MAP | (gt.GNTMAP.READONLY if ro else 0), ref, domid
+            ).encode()
+            for ref, ro in refs
+        )
+        res = await self._call(GrantTableOp(gt.GNTTABOP.MAP_GRANT_REF, len(refs), ops, b""))
+        size = gt.MAP_GRANT_REF.size
+        out: list[Mapping | GrantError] = []
+        for k, (ref, ro) in enumerate(refs):
+            op = gt.GnttabMapGrantRef.decode(res.data, k * size) if res.value == 0 else None
+            if op is None or op.status != gt.GNTST.OKAY:
+                out.append(GrantError(ref, op.status if op else gt.GNTST.GENERAL_ERROR))
+            else:
+                out.append(Mapping(ref, op.handle, op.dev_bus_addr >> 12, ro))
+        return out
+
+    async def unmap(self, mappings: Sequence[Mapping]) -> None:
+        if not mappings:
+            return
+        ops = b"".join(gt.GnttabUnmapGrantRef(0, m.gfn << 12, m.handle).encode() for m in mappings)
+        await self._call(GrantTableOp(gt.GNTTABOP.UNMAP_GRANT_REF, len(mappings), ops, b""))
+
+    async def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        """Bind the frontend's unbound port; returns our local port or raises."""
+        arg = hc.EvtchnBindInterdomain(domid, remote_port).pack()
+        res = await self._call(EventChannelOp(EVTCHNOP.bind_interdomain, arg))
+        if res.value < 0:
+            raise OSError(-res.value, f"bind_interdomain({domid}, {remote_port}) failed")
+        return hc.EvtchnBindInterdomain.unpack(res.data).local_port
+
+    async def close_port(self, port: int) -> None:
+        await self._call(EventChannelOp(EVTCHNOP.close, hc.EvtchnClose(port).pack()))
+
+    async def notify(self, port: int) -> None:
+        """``EVTCHNOP_send``, one-way: nobody waits for its (always 0) result."""
+        self.hypercalls += 1
+        await self.chan.send(EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(port).pack()))
+
+    async def _call(self, msg: object) -> object:
+        self.hypercalls += 1
+        return await self.chan.call(msg, timeout=HYPERCALL_TIMEOUT)
+
+
+@attrs.define(eq=False)
+class GrantCache:
+    """The mappings of one connection to ``domid``."""
+
+    hv: Dom0Hypervisor
+    domid: int
+    persistent: bool
+    persistent_maps: dict[int, Mapping] = attrs.Factory(dict)
+    maps: int = 0
+    unmaps: int = 0
+    persistent_hits: int = 0
+    failures: int = 0
+
+    async def acquire(
+        self, refs: Sequence[tuple[int, bool]]
+    ) -> tuple[list[Mapping | GrantError], list[Mapping]]:
+        """Map ``(ref, readonly)`` grants: results in order, and the temporary
+        mappings to hand back to :meth:`release` whatever happens next."""
+        results: list[Mapping | GrantError | None] = [None] * len(refs)
+        wanted: list[tuple[int, bool]] = []
+        where: list[int] = []
+        for k, (ref, ro) in enumerate(refs):
+            hit = self.persistent_maps.get(ref) if self.persistent else None
+            if hit is not None:
+                self.persistent_hits += 1
+                results[k] = hit
+            else:
+                # Persistent grants are granted writable and mapped so, once.
+                wanted.append((ref, ro and not self.persistent))
+                where.append(k)
+        temporary: list[Mapping] = []
+        mapped = await self.hv.map(self.domid, wanted)
+        self.maps += len(wanted)
+        for k, res in zip(where, mapped, strict=True):
+            results[k] = res
+            if isinstance(res, GrantError):
+                self.failures += 1
+            elif (
+                self.persistent
+                and res.ref not in self.persistent_maps
+                and len(self.persistent_maps) < MAX_PERSISTENT_GRANTS
+            ):
+                self.persistent_maps[res.ref] = res
+            else:
+                temporary.append(res)
+        return results, temporary  # type: ignore[return-value]
+
+    async def release(self, temporary: Sequence[Mapping]) -> None:
+        self.unmaps += len(temporary)
+        await self.hv.unmap(temporary)
+
+    async def release_all(self) -> None:
+        """On disconnect: every persistent mapping goes too."""
+        kept, self.persistent_maps = list(self.persistent_maps.values()), {}
+        await self.release(kept)
