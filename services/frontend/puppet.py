@@ -41,6 +41,7 @@ from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
 from shared.abi.constants import EVTCHNOP, VCPUOP, XENMAPSPACE, XENMEM
 from shared.codec import AnyMessage, message
+from shared.doorbell import EOI, NMI, UPCALL, DoorbellReader, bell_path
 from shared.guestmem import PAGE_SIZE, GuestMemory
 from shared.transport import Channel, Peer, ServiceError, open_channel, open_server
 
@@ -365,14 +366,26 @@ async def run(args: argparse.Namespace) -> None:
         welcome = await hv.call(ctl.VcpuHello(args.domid, args.vcpu, args.token), timeout=10)
         puppet = Puppet(hv, args.domid, args.vcpu)
         puppet.memory = GuestMemory.open(Path(welcome.memory_path))
+        bell = DoorbellReader(bell_path(welcome.memory_path, args.vcpu))
+        await hv.call(ctl.VcpuDoorbell(str(bell.path)))
         async with open_server(args.control) as server, trio.open_nursery() as nursery:
             _serve_control(server, puppet)
 
-            async def take_upcalls() -> None:
+            async def take_messages() -> None:
                 while True:
                     await puppet.handle(await hv.receive())
 
-            nursery.start_soon(take_upcalls)
+            async def take_kicks() -> None:
+                while True:
+                    for kind, vector, flags in await bell.receive():
+                        if kind == UPCALL:
+                            event = Upcall(args.domid, args.vcpu, (), vector, bool(flags & EOI))
+                        else:
+                            event = ApicInterrupt(args.domid, args.vcpu, vector, bool(flags & NMI))
+                        await puppet.handle(event)
+
+            nursery.start_soon(take_messages)
+            nursery.start_soon(take_kicks)
             # The hypervisor is gone for good when its connection stays down.
             while True:
                 await trio.sleep(0.5)
@@ -380,6 +393,7 @@ async def run(args: argparse.Namespace) -> None:
                     await trio.sleep(1.0)
                     if not hv.connected:
                         print("puppet: hypervisor gone, exiting", file=sys.stderr)
+                        bell.close()
                         nursery.cancel_scope.cancel()
                         return
 

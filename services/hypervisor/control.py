@@ -185,3 +185,11 @@ class TraceRequest:
 class Trace:
     entries: tuple[TraceEntry, ...]
     dropped: int
+
+
+@message(257)
+class VcpuDoorbell:
+    """From a bound vCPU process: kick me through this FIFO (next to the
+    domain's RAM file, see :mod:`shared.doorbell`) rather than by nng message."""
+
+    path: str

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -40,6 +41,8 @@ from services.hypervisor.vcpus import VcpuProcesses
 from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
 from shared.abi.constants import EVTCHNOP, VCPUOP
+from shared.doorbell import APIC as APIC_KICK
+from shared.doorbell import EOI, NMI, UPCALL, DoorbellWriter, bell_path
 from shared.guestmem import GuestMemory, ram_path
 from shared.hostsecret import host_secret
 from shared.service import ServiceContext
@@ -108,6 +111,8 @@ class HypervisorService:
         self.dom0_ports: dict[int, Peer] = {}
         self.waiters: dict[tuple[int, int], trio.Event] = {}
         self.traces: dict[int, DomainTrace] = {}
+        self.doorbells: dict[tuple[int, int], DoorbellWriter] = {}
+        self.kicks = self.kick_fallbacks = 0
         self.timer = TimerFd()
         self.refused_bindings = 0
         self.unbound_calls = 0
@@ -123,6 +128,7 @@ class HypervisorService:
         s.route(SchedOp, self.sched_op)
         s.route(ctl.Dom0Hello, self.dom0_hello)
         s.route(ctl.VcpuHello, self.vcpu_hello)
+        s.route(ctl.VcpuDoorbell, self.vcpu_doorbell)
         s.route(ctl.CreateDomain, self.create_domain)
         s.route(ctl.DestroyDomain, self.destroy_domain)
         s.route(ctl.UnpauseDomain, self.unpause_domain)
@@ -152,6 +158,8 @@ class HypervisorService:
             "evtchn": attrs.asdict(self.core.evtchn.statistics()),
             "gnttab": attrs.asdict(self.core.gnttab.statistics()),
             "vcpu_processes": self.processes.running(),
+            "doorbell_kicks": self.kicks,
+            "doorbell_fallbacks": self.kick_fallbacks,
         }
 
     # --- identity ---------------------------------------------------------------------
@@ -174,6 +182,9 @@ class HypervisorService:
         key = (msg.domid, msg.vcpu)
         self.bindings[peer] = key
         self.vcpu_peers[key] = peer
+        old = self.doorbells.pop(key, None)
+        if old is not None:
+            old.close()
         d = self.core.domains.get(msg.domid)
         assert d is not None
         if self._runs(msg.domid, msg.vcpu):
@@ -188,10 +199,31 @@ class HypervisorService:
             self.host_name,
         )
 
+    def vcpu_doorbell(self, peer: Peer, msg: ctl.VcpuDoorbell) -> ctl.Done:
+        key = self._caller(peer)
+        guest = self.guests.get(key[0])
+        if guest is None:
+            raise ServiceError("refused", "only a guest's vCPU has a doorbell")
+        path = Path(msg.path)
+        if path != bell_path(guest.memory.path, key[1]):
+            raise ServiceError("refused", "a doorbell lives next to the domain's memory")
+        try:
+            bell = DoorbellWriter(path)
+        except (OSError, ValueError) as exc:
+            raise ServiceError("refused", f"doorbell: {exc}") from None
+        old = self.doorbells.pop(key, None)
+        if old is not None:
+            old.close()
+        self.doorbells[key] = bell
+        return ctl.Done()
+
     def disconnected(self, peer: Peer) -> None:
         key = self.bindings.pop(peer, None)
         if key is not None and self.vcpu_peers.get(key) is peer:
             del self.vcpu_peers[key]
+            bell = self.doorbells.pop(key, None)
+            if bell is not None:
+                bell.close()
         for port in [p for p, owner in self.dom0_ports.items() if owner is peer]:
             del self.dom0_ports[port]
 
@@ -319,6 +351,18 @@ class HypervisorService:
                 if e.domid == 0:
                     self._dom0_upcall()
                     continue
+                bell = self.doorbells.get(key)
+                if bell is not None:
+                    if isinstance(e, Upcall):
+                        rung = bell.ring(UPCALL, e.vector, EOI if e.eoi else 0)
+                    else:
+                        rung = bell.ring(
+                            APIC_KICK, e.vector, (NMI if e.nmi else 0) | (0 if e.nmi else EOI)
+                        )
+                    if rung:
+                        self.kicks += 1
+                        continue
+                    self.kick_fallbacks += 1
                 peer = self.vcpu_peers.get(key)
                 if peer is not None:
                     self.server.send_nowait(peer, e)
@@ -413,6 +457,10 @@ class HypervisorService:
 
     async def _destroy(self, domid: int) -> dict[str, int]:
         guest = self.guests.pop(domid)
+        for key in [k for k in self.doorbells if k[0] == domid]:
+            self.doorbells.pop(key).close()
+        for vcpu in range(len(guest.tokens)):
+            bell_path(guest.memory.path, vcpu).unlink(missing_ok=True)
         self.traces.pop(domid, None)
         await self.processes.kill_domain(domid)
         for key in [k for k in self.vcpu_peers if k[0] == domid]:
