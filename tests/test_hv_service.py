@@ -446,3 +446,20 @@ async def test_sipi_starts_an_ap_on_bare_metal() -> None:
             assert info.online_vcpus == 2
             exits = (await hv.dom0.call(ctl.DomainDetailRequest(a.domid))).vcpus[0].exits
             assert exits.get("icr_write", 0) == 3  # ICR2 + INIT + SIPI: each an exit
+
+
+async def test_a_doorbell_must_be_the_guests_own_fifo() -> None:
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a = await hv.create(vcpus=1, puppets=False)
+            chan = await hv.bind_as_vcpu(a, 0)
+            for path in (
+                "/etc/passwd",
+                a.created.memory_path,
+                a.created.memory_path + "-vcpu0.bell",
+            ):
+                with pytest.raises(RemoteError) as err:  # not next to its RAM, or no FIFO
+                    await chan.call(ctl.VcpuDoorbell(path))
+                assert err.value.code == "refused"
+            with pytest.raises(RemoteError):
+                await hv.dom0.call(ctl.VcpuDoorbell("/tmp/x"))
