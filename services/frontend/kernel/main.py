@@ -1,0 +1,178 @@
+"""The vCPU process: bind to the hypervisor as (domid, vCPU), map guest RAM,
+wait to be started, boot (vCPU0) or come up as an AP, then run the
+configured workloads; serve the control endpoint and keep the report file
+current throughout. Exits when the hypervisor is gone for good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from services.frontend.kernel import boot, report, workloads
+from services.frontend.kernel import config as kconfig
+from services.frontend.kernel import control as kcontrol
+from services.frontend.kernel.kernel import Kernel, KernelPanic
+from services.frontend.kernel.layout import KernelMemory, Stage
+from services.hypervisor import control as ctl
+from services.hypervisor.effects import ApicInterrupt, Upcall
+from shared.doorbell import EOI, NMI, UPCALL, DoorbellReader, bell_path
+from shared.guestmem import GuestMemory
+from shared.transport import Channel, open_channel, open_server
+
+REPORT_INTERVAL_S = 0.2
+
+
+class Guest:
+    """One vCPU process's kernel plus its bookkeeping for the report."""
+
+    def __init__(self, k: Kernel, args: argparse.Namespace) -> None:
+        self.k = k
+        self.args = args
+        self.devices: list[int] = []
+        self.results: dict[str, Any] = {}
+        self.xenbus: Any = None
+
+    def status(self) -> dict[str, Any]:
+        data = report.build(self.k, self.devices, self.results)
+        data["test_callouts"] = getattr(self.k, "test_callouts", [])
+        if self.xenbus is not None:
+            data["xenbus"] = self.xenbus.status()
+        return data
+
+    def write_report(self) -> None:
+        if self.k.cfg.rundir:
+            path = report.report_path(self.k.cfg.rundir, self.k.domid, self.k.cpu)
+            report.write_atomic(path, self.status())
+
+    async def reporter(self) -> None:
+        while True:
+            with trio.move_on_after(1.0):
+                await self.k.changed.wait()
+            self.write_report()
+            await trio.sleep(REPORT_INTERVAL_S)
+
+    async def run_workload(self, spec: dict[str, Any]) -> dict[str, Any] | None:
+        name = spec.get("name") or f"{len(self.results)}:{spec['kind']}"
+        result = await workloads.run(self.k, spec)
+        if result is not None:
+            self.results[name] = result
+            self.k.touch()
+        return result
+
+    async def rebind(self, port: int, vcpu: int) -> int:
+        rc = await boot.assign_cpu(self.k, port, vcpu)
+        self.k.log(f"rebind port {port} -> cpu{vcpu}: {rc}")
+        return rc
+
+    async def boot(self) -> None:
+        k = self.k
+        await k.started.wait()
+        if k.cpu == 0:
+            k.log(f"booting {k.cfg.name}: {k.nr_cpus} vCPUs")
+            self.devices = await boot.boot_bsp(k)
+            if self.args.xenstore and k.platform.xen:
+                from services.frontend.kernel import xenbus
+
+                self.xenbus = xenbus.Xenbus(k, self.args.xenstore, self.args.xs_token)
+                assert k.nursery is not None
+                await self.xenbus.attach(k.nursery, self.devices)
+            k.mem.set_stage(Stage.DEVICES)
+            k.log("boot complete")
+        else:
+            await boot.boot_ap(k)
+            while k.mem.stage() < Stage.DEVICES:
+                await trio.sleep(0.002)
+        k.state = "running"
+        k.touch()
+
+    async def main(self) -> None:
+        k = self.k
+        try:
+            await self.boot()
+            for spec in k.cfg.workloads:
+                await self.run_workload(dict(spec))
+            if k.cfg.workloads:
+                k.log("workloads done")
+        except KernelPanic:
+            pass
+        self.write_report()
+        await trio.sleep(math.inf)
+
+
+async def run(args: argparse.Namespace) -> None:
+    cfg = kconfig.load(args.config)
+    async with open_channel(args.hypervisor) as hv:
+        welcome = await hv.call(ctl.VcpuHello(args.domid, args.vcpu, args.token), timeout=10)
+        memory = GuestMemory.open(Path(welcome.memory_path))
+        mem = KernelMemory(memory.view, welcome.nr_vcpus)
+        k = Kernel(hv, cfg, args.domid, args.vcpu, mem)
+        guest = Guest(k, args)
+        bell = DoorbellReader(bell_path(welcome.memory_path, args.vcpu))
+        await hv.call(ctl.VcpuDoorbell(str(bell.path)))
+        irq_in, irq_out = trio.open_memory_channel[object](math.inf)
+        async with trio.open_nursery() as nursery:
+            k.nursery = nursery
+            nursery.start_soon(k.interrupts, irq_out)
+            nursery.start_soon(_take_messages, hv, irq_in)
+            nursery.start_soon(_take_kicks, bell, args.domid, args.vcpu, irq_in)
+            nursery.start_soon(guest.reporter)
+            endpoint = cfg.control_endpoint(args.domid, args.vcpu)
+            if endpoint:
+                report.report_path(cfg.rundir, args.domid, args.vcpu).parent.mkdir(
+                    parents=True, exist_ok=True
+                )
+                server = await nursery.start(_serve, endpoint, guest)
+                del server
+            nursery.start_soon(guest.main)
+            while True:  # the hypervisor is gone for good when its connection stays down
+                await trio.sleep(0.5)
+                if not hv.connected:
+                    await trio.sleep(1.0)
+                    if not hv.connected:
+                        print(f"cpu{args.vcpu}: hypervisor gone, halting", file=sys.stderr)
+                        guest.write_report()
+                        bell.close()
+                        nursery.cancel_scope.cancel()
+                        return
+
+
+async def _take_messages(hv: Channel, irq: trio.MemorySendChannel[object]) -> None:
+    while True:
+        irq.send_nowait(await hv.receive())
+
+
+async def _take_kicks(
+    bell: DoorbellReader, domid: int, vcpu: int, irq: trio.MemorySendChannel[object]
+) -> None:
+    """Doorbell records are the hypervisor's kicks without nng (the bits are in RAM)."""
+    while True:
+        for kind, vector, flags in await bell.receive():
+            if kind == UPCALL:
+                irq.send_nowait(Upcall(domid, vcpu, (), vector, bool(flags & EOI)))
+            else:
+                irq.send_nowait(ApicInterrupt(domid, vcpu, vector, bool(flags & NMI)))
+
+
+async def _serve(endpoint: str, guest: Guest, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_server(endpoint) as server:
+        kcontrol.install(server, guest.k, guest.status, guest.run_workload, guest.rebind)
+        task_status.started(server)
+        await trio.sleep(math.inf)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m services.frontend.kernel")
+    p.add_argument("--config", required=True)
+    p.add_argument("--xenstore", default="")
+    p.add_argument("--xs-token", default="")
+    p.add_argument("--hypervisor", required=True)
+    p.add_argument("--domid", type=int, required=True)
+    p.add_argument("--vcpu", type=int, required=True)
+    p.add_argument("--token", required=True)
+    trio.run(run, p.parse_args(argv))

@@ -1,0 +1,85 @@
+"""The per-vCPU report file the toolstack reads (``domsplit dmesg``,
+``interrupts``): ``<rundir>/guests/dom<D>/vcpu<K>.json``, rewritten atomically
+(write a temporary file, ``os.replace``) whenever something changed.
+
+Format (JSON object)::
+
+    {"domid": 1, "vcpu": 0, "name": "g", "state": "booting|running|panic|halted",
+     "updated_ns": <monotonic ns>,
+     "platform": {"xen", "cpuid_base", "version", "features", "mode", "callback",
+                  "pv_timer", "pv_ipi", "pv_clock", "reasons": [..]},
+     "dmesg": ["[t] cpuK: line", ...],
+     "event_timer": {"kind": "xentimer|lapic", "arms", "events", "etime_retries", ...},
+     "ports": [{"port", "kind": "virq|ipi|device", "index", "vcpu", "movable"}],
+     "interrupts": {"evtchn": {"<port>": n}, "apic": {"<vector>": n},
+                    "upcalls": n, "stray": n},
+     "ipi": {"sent": {"RENDEZVOUS": n, ...}, "handled": {...}, "bitmap": {"<bit>": n},
+             "nmis": n},
+     "device_ports": [..], "device_events": {"<port>": n},
+     "exits": {"Cpuid": n, "VcpuOp": n, ...},     # the guest's own count
+     "workloads": {"<name>": {...results...}}}
+
+The hypervisor's counters (``DomainDetail``, ``TraceRequest``) are the
+authoritative exit counts; ``exits`` here is what the guest believes it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from services.frontend.kernel.kernel import Kernel
+
+
+def build(k: Kernel, devices: list[int], workloads: dict[str, Any]) -> dict[str, Any]:
+    sc = k.scanner
+    return {
+        "domid": k.domid,
+        "vcpu": k.cpu,
+        "name": k.cfg.name,
+        "state": k.state,
+        "updated_ns": time.monotonic_ns(),
+        "platform": attrs.asdict(k.platform),
+        "dmesg": list(k.dmesg),
+        "event_timer": attrs.asdict(k.timer.state()) if k.timer else None,
+        "ports": [attrs.asdict(b) for b in k.ports.state()],
+        "interrupts": {
+            "evtchn": {str(p): n for p, n in sorted(sc.per_port.items())} if sc else {},
+            "apic": {str(v): n for v, n in sorted(sc.apic.items())} if sc else {},
+            "upcalls": sc.upcalls if sc else 0,
+            "stray": sc.stray if sc else 0,
+        },
+        "ipi": {
+            "sent": dict(k.ipi_sent),
+            "handled": dict(k.ipi_handled),
+            "bitmap": {str(b): n for b, n in sorted(k.bitmap_taken.items())},
+            "nmis": k.nmis,
+        },
+        "device_ports": devices,
+        "device_events": {str(p): n for p, n in sorted(k.device_events.items())},
+        "exits": dict(k.exits),
+        "workloads": workloads,
+    }
+
+
+def write_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def report_path(rundir: str | Path, domid: int, vcpu: int) -> Path:
+    return Path(rundir) / "guests" / f"dom{domid}" / f"vcpu{vcpu}.json"
+
+
+def read(rundir: str | Path, domid: int, vcpu: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(report_path(rundir, domid, vcpu).read_text())
+    except (OSError, ValueError):
+        return None

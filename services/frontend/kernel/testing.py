@@ -1,0 +1,167 @@
+"""Booting kernel guests on a test hypervisor (tests and benchmarks).
+
+``guest = await boot_guest(hv, "xen", vcpus=4, device_ports=8)`` writes the
+guest config into the hypervisor's run dir, creates the domain with the
+kernel as its ``vcpu_command``, unpauses it and waits until every vCPU
+reports ``running``. The hypervisor test bed destroys the domain at the end;
+the vCPU processes are also killed by PID then, in case one outlived it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from services.frontend.kernel import control as kc
+from services.frontend.kernel import report
+from services.hypervisor import control as ctl
+from services.hypervisor.testbed import Guest, HvHost, _topology
+from shared.hostsecret import host_secret
+from shared.transport import Channel, open_channel
+
+KERNEL = ("python", "-m", "services.frontend.kernel", "--config", "{rundir}/guest-{name}.json")
+
+
+@asynccontextmanager
+async def kernel_host(**settings: str) -> AsyncIterator[HvHost]:
+    """Like :func:`services.hypervisor.testbed.hypervisor_host`, but the host
+    gets a unique name, so its guest RAM files (``/dev/shm/domsplit-<host>-dom<D>``)
+    never collide with another test bed running on the machine at the same time."""
+    base = Path(tempfile.mkdtemp(prefix="ds-k-", dir="/tmp"))
+    rundir = base / f"k{base.name[-6:].lower().replace('_', 'x')}"
+    rundir.mkdir()
+    topo = _topology(rundir, settings)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.hypervisor", "--topology", str(topo)],
+        stdout=open(base / "hv.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"ipc://{rundir}/hypervisor.sock"
+    try:
+        async with AsyncExitStack() as stack:
+            dom0 = await stack.enter_async_context(open_channel(endpoint))
+            await dom0.wait_connected(timeout=20)
+            await dom0.call(ctl.Dom0Hello(host_secret(rundir)), timeout=10)
+            host = HvHost(rundir, endpoint, dom0, proc, stack)
+            try:
+                yield host
+            finally:
+                with trio.move_on_after(10):
+                    for g in host.guests:
+                        try:
+                            await dom0.call(ctl.DestroyDomain(g.domid), timeout=10)
+                        except Exception:
+                            pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@attrs.define(eq=False)
+class KernelGuest:
+    hv: HvHost
+    domid: int
+    vcpus: int
+    created: ctl.DomainCreated
+    channels: dict[int, Channel] = attrs.Factory(dict)
+
+    def report(self, vcpu: int) -> dict[str, Any]:
+        return report.read(self.hv.rundir, self.domid, vcpu) or {}
+
+    def reports(self) -> list[dict[str, Any]]:
+        return [self.report(v) for v in range(self.vcpus)]
+
+    async def control(self, vcpu: int) -> Channel:
+        if vcpu not in self.channels:
+            ep = f"ipc://{self.hv.rundir}/guests/dom{self.domid}/vcpu{vcpu}.sock"
+            chan = await self.hv.stack.enter_async_context(open_channel(ep))
+            await chan.wait_connected(timeout=20)
+            self.channels[vcpu] = chan
+        return self.channels[vcpu]
+
+    async def status(self, vcpu: int) -> dict[str, Any]:
+        return json.loads((await (await self.control(vcpu)).call(kc.KernelStatus())).json)
+
+    async def run(self, vcpu: int, spec: dict[str, Any], timeout: float = 60) -> Any:
+        chan = await self.control(vcpu)
+        return json.loads((await chan.call(kc.KernelRun(json.dumps(spec)), timeout=timeout)).json)
+
+    async def ask(self, vcpu: int, msg: Any, timeout: float = 20) -> Any:
+        return await (await self.control(vcpu)).call(msg, timeout=timeout)
+
+    async def trace(self, clear: bool = False) -> list[ctl.TraceEntry]:
+        return list((await self.hv.dom0.call(ctl.TraceRequest(self.domid, clear))).entries)
+
+    async def detail(self) -> ctl.DomainDetail:
+        return await self.hv.dom0.call(ctl.DomainDetailRequest(self.domid))
+
+    async def wait_reports(self, check: Any, timeout: float = 20) -> list[dict[str, Any]]:
+        """Until ``check(reports)`` holds (reports re-read every 20 ms)."""
+        with trio.fail_after(timeout):
+            while True:
+                reps = self.reports()
+                if all(reps) and check(reps):
+                    return reps
+                await trio.sleep(0.02)
+
+    def kill(self) -> None:
+        for pid in self.created.vcpu_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+async def boot_guest(
+    hv: HvHost,
+    personality: str = "xen",
+    vcpus: int = 4,
+    pages: int = 256,
+    feature_mask: int = 0xFFFFFFFF,
+    wait: bool = True,
+    **cfg: Any,
+) -> KernelGuest:
+    name = f"k{len(hv.guests)}"
+    config = {"name": name, "vcpus": vcpus, "platform": personality, "rundir": str(hv.rundir)}
+    config.update(cfg)
+    (hv.rundir / f"guest-{name}.json").write_text(json.dumps(config))
+    command = tuple(part.replace("{name}", name) for part in KERNEL)
+    created = await hv.dom0.call(
+        ctl.CreateDomain(name, pages, vcpus, personality, feature_mask, command), timeout=20
+    )
+    hv.guests.append(Guest(created.domid, [], created))
+    guest = KernelGuest(hv, created.domid, vcpus, created)
+    hv.stack.callback(guest.kill)
+    await hv.dom0.call(ctl.UnpauseDomain(created.domid))
+    if wait:
+        await guest.wait_reports(
+            lambda reps: all(r.get("state") in ("running", "panic") for r in reps), timeout=40
+        )
+    return guest
+
+
+def exits(detail: ctl.DomainDetail, vcpu: int | None = None) -> dict[str, int]:
+    """The hypervisor's exit counts by reason (one vCPU or summed)."""
+    out: dict[str, int] = {}
+    for v in detail.vcpus:
+        if vcpu is None or v.vcpu == vcpu:
+            for reason, n in v.exits.items():
+                out[reason] = out.get(reason, 0) + n
+    return out
