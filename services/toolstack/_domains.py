@@ -387,3 +387,44 @@ def exits(args: argparse.Namespace) -> int:
         return 0
 
     return run_async(args, body)
+
+
+async def request_shutdown(d: Dom0, domid: int, command: str, wait: float) -> int | None:
+    """``xl shutdown``: write ``control/shutdown``; with ``wait``, return the
+    shutdown reason once the hypervisor reports it (None on timeout)."""
+    xs = d.xs
+    if xs is None:
+        raise LookupError("this host runs no xenstored")
+    await xs.write(f"/local/domain/{domid}/control/shutdown", command.encode())
+    if not wait:
+        return None
+    with trio.move_on_after(wait):
+        while True:
+            for info in (await d.hv.call(ctl.ListDomains())).domains:
+                if info.domid == domid and info.shutdown_reason is not None:
+                    return info.shutdown_reason
+            await trio.sleep(0.05)
+    return None
+
+
+def _shutdown_verb(words: str, command: str, help: str) -> None:
+    @verb(words, help=help)
+    @arg("domain", help="domain name or id")
+    @arg("--wait", type=float, default=0.0, help="seconds to wait for the guest to comply")
+    @topology_args
+    @json_arg
+    def run(args: argparse.Namespace) -> int:
+        async def body(d: Dom0) -> int:
+            domid = await resolve(d, args.domain)
+            reason = await request_shutdown(d, domid, command, args.wait)
+            if args.json:
+                _render.print_json({"domid": domid, "command": command, "reason": reason})
+            elif args.wait:
+                print(f"domain {domid}: " + ("done" if reason is not None else "no answer"))
+            return 0 if reason is not None or not args.wait else 1
+
+        return run_async(args, body)
+
+
+_shutdown_verb("shutdown", "poweroff", "ask a domain to power off (control/shutdown)")
+_shutdown_verb("reboot", "reboot", "ask a domain to reboot (control/shutdown)")
