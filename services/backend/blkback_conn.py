@@ -173,8 +173,9 @@ class Blkif:
             for job in indirect:
                 self._read_indirect(job)
             await self._map(indirect, temporary, lambda j: _segment_refs(j.admitted, j.plan))
-            for job in jobs:
-                await self._execute(job)
+            async with trio.open_nursery() as nursery:  # requests of a round overlap
+                for job in jobs:
+                    nursery.start_soon(self._execute, job)
         finally:
             with trio.CancelScope(shield=True):
                 await self.grants.release(temporary)
