@@ -145,6 +145,7 @@ async def cpu_init(k: Kernel) -> None:
             k.ports.add(PortBinding(out.port, "ipi", int(kind), k.cpu, False))
             ipi_ports.append(out.port)
     k.mem.publish_ports(k.cpu, k.timer_port, tuple(ipi_ports))
+    k.enable_interrupts()
     k.log(
         f"cpu{k.cpu}: event timer {k.timer.kind}"
         + (f" (VIRQ_TIMER port {k.timer_port})" if k.timer_port else "")

@@ -112,7 +112,7 @@ def install(server: Any, k: Kernel, status: Any, run_workload: Any, rebind: Any)
         kind = IPI(msg.ipi)
         dest: str | int = int(msg.dest) if msg.dest.isdigit() else msg.dest
         if msg.bits:
-            for t in range(msg.repeat):
+            for _ in range(msg.repeat):
                 for bit in msg.bits:
                     for tgt in _targets(k, dest):
                         k.mem.bump_sent(k.cpu, tgt, bit)

@@ -77,6 +77,8 @@ class Kernel:
         self.running = False
         self.interrupts_off = False
         self.deferred: list[object] = []
+        self.early: list[object] = []
+        self.irq: trio.MemorySendChannel[object] | None = None
         self.mailbox_waiters: dict[tuple[int, int], Any] = {}
         self.on_func: dict[int, Callable[[int, tuple[int, int, int, int, int]], None]] = {}
         self.changed = trio.Event()
@@ -144,6 +146,16 @@ class Kernel:
         self.scanner = UpcallScanner(shared, (self.mem.ram, self.vcpu_info_offset), self.mine)
 
     vcpu_info_offset: int = 0
+
+    def enable_interrupts(self) -> None:
+        """End of this CPU's early boot: take what was held, and rescan once
+        (Xen marked everything pending when vcpu_info moved)."""
+        assert self.irq is not None
+        held, self.early = self.early, []
+        if not any(isinstance(m, Upcall) for m in held):
+            held.append(Upcall(self.domid, self.cpu, (), 0, False))
+        for msg in held:
+            self.irq.send_nowait(msg)
 
     # --- callouts ----------------------------------------------------------------------------
     def new_cid(self) -> int:
@@ -282,9 +294,8 @@ class Kernel:
             self.log(f"interrupt handler error: {exc!r}")
 
     async def _upcall(self, msg: Upcall) -> None:
-        if self.scanner is None:
-            if msg.eoi:
-                await self.eoi()
+        if self.scanner is None:  # interrupts still off during early boot: hold it
+            self.early.append(msg)
             return
         for port in self.scanner.scan():
             await self.dispatch(port)

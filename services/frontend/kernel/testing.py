@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,11 @@ import trio
 from services.frontend.kernel import control as kc
 from services.frontend.kernel import report
 from services.hypervisor import control as ctl
+from services.hypervisor.lapic import exit_reason
+from services.hypervisor.messages import EventChannelOp
 from services.hypervisor.testbed import Guest, HvHost, _topology
+from shared.abi import hypercall as hc
+from shared.abi.constants import EVTCHNOP
 from shared.hostsecret import host_secret
 from shared.transport import Channel, open_channel
 
@@ -165,3 +170,60 @@ def exits(detail: ctl.DomainDetail, vcpu: int | None = None) -> dict[str, int]:
             for reason, n in v.exits.items():
                 out[reason] = out.get(reason, 0) + n
     return out
+
+
+class EventSource:
+    """Dom0 as a device backend: binds to the guest's device ports (unbound,
+    remote dom0) and sends events on them (``EVTCHNOP_send`` from dom0)."""
+
+    def __init__(self, hv: HvHost, domid: int) -> None:
+        self.hv = hv
+        self.domid = domid
+        self.local: dict[int, int] = {}  # guest port -> dom0 port
+
+    async def bind(self, ports: list[int]) -> None:
+        for port in ports:
+            arg = hc.EvtchnBindInterdomain(self.domid, port).pack()
+            res = await self.hv.dom0.call(EventChannelOp(EVTCHNOP.bind_interdomain, arg))
+            if res.value != 0:
+                raise RuntimeError(f"bind_interdomain({self.domid}, {port}): {res.value}")
+            self.local[port] = hc.EvtchnBindInterdomain.unpack(res.data).local_port
+
+    async def send(self, port: int) -> None:
+        arg = hc.EvtchnSend(self.local[port]).pack()
+        await self.hv.dom0.call(EventChannelOp(EVTCHNOP.send, arg))
+
+    async def blast(self, rounds: int, gap: float = 0.0005, ports: list[int] | None = None) -> int:
+        """``rounds`` sends on every port, pipelined per port; returns sends made."""
+        targets = ports if ports is not None else list(self.local)
+
+        async def one(port: int) -> None:
+            for _ in range(rounds):
+                await self.send(port)
+                await trio.sleep(gap)
+
+        async with trio.open_nursery() as n:
+            for port in targets:
+                n.start_soon(one, port)
+        return rounds * len(targets)
+
+
+_APIC_ARG = struct.Struct("<I?Q")
+APIC_REASONS = frozenset({"eoi", "icr_write", "lapic_timer_write", "lapic_write", "lapic_read"})
+
+
+def reason(entry: ctl.TraceEntry) -> str:
+    """An entry's exit reason, recomputed from the argument bytes for LAPIC
+    accesses (the hypervisor names every LAPIC access after the first one it saw)."""
+    if entry.name in APIC_REASONS and len(entry.arg) >= _APIC_ARG.size:
+        reg, write, _ = _APIC_ARG.unpack_from(entry.arg)
+        return exit_reason(reg, write)
+    return entry.name
+
+
+def hypercalls(trace: list[ctl.TraceEntry]) -> list[ctl.TraceEntry]:
+    return [e for e in trace if e.name.startswith("hypercall:")]
+
+
+def named(trace: list[ctl.TraceEntry], suffix: str) -> list[ctl.TraceEntry]:
+    return [e for e in trace if reason(e).endswith(suffix)]

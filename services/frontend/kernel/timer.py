@@ -78,7 +78,8 @@ class XenTimer(EventTimer):
     async def start(self, deadline: int) -> None:
         delta = max(deadline - self.clock.now(), 1)
         flags = VCPU_SSHOTTMR_future if self.future else 0
-        for tries in range(1, MAX_TRIES + 1):
+        tries = 0
+        for tries in range(1, MAX_TRIES + 1):  # noqa: B007 - read after the loop
             target = self.clock.now() + delta
             arg = hc.VcpuSetSingleshotTimer(target, flags).pack()
             rc = (await self.call(VcpuOp(VCPUOP.set_singleshot_timer, self.cpu, arg))).value

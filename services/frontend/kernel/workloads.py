@@ -82,7 +82,9 @@ async def timer_rate(k: Kernel, spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.monotonic()
     while time.monotonic() < end:
         fired = trio.Event()
-        await k.callout_reset(k.new_cid(), k.clock.now() + interval, lambda n, d: fired.set())
+        await k.callout_reset(
+            k.new_cid(), k.clock.now() + interval, lambda n, d, ev=fired: ev.set()
+        )
         with trio.move_on_after(ROUND_TIMEOUT_S):
             await fired.wait()
         events += 1
