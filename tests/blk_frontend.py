@@ -52,9 +52,11 @@ class InFlight:
     slot: bytes
     done: trio.Event = attrs.Factory(trio.Event)
     response: bi.BlkifResponse | None = None
+    submitted: int = 0  #: position in the frontend's event order when pushed
+    acked: int = 0  #: position when its response was taken
 
 
-class TestFrontend:
+class BlkFrontend:
     """Use :func:`open_frontend`."""
 
     def __init__(self, domid: int, devid: int, vcpu: Channel, xs: XsClient, mem: GuestMemory):
@@ -69,6 +71,7 @@ class TestFrontend:
         self.ring_pages: list[tuple[int, int]] = []
         self.port = 0
         self.ids = itertools.count(1)
+        self.clock = itertools.count(1)
         self.inflight: dict[int, InFlight] = {}
         self.responses: collections.Counter[int] = collections.Counter()
         self.stray: list[int] = []  #: responses for ids not in flight
@@ -293,6 +296,7 @@ class TestFrontend:
                     self.stray.append(rsp.id)
                     continue
                 entry.response = rsp
+                entry.acked = next(self.clock)
                 entry.done.set()
             if not ring.final_check_for_responses():
                 return
@@ -302,7 +306,7 @@ class TestFrontend:
         out = []
         for slot in slots:
             rid = int.from_bytes(slot[8:16], "little")
-            entry = self.inflight[rid] = InFlight(slot)
+            entry = self.inflight[rid] = InFlight(slot, submitted=next(self.clock))
             self._put(slot)
             out.append(entry)
         await self.kick()
@@ -326,6 +330,12 @@ class TestFrontend:
             self.pool.append((gfn, ref))
         else:
             self.end_page(gfn, ref)
+
+    def peek_id(self) -> int:
+        """The id the next :meth:`prepare` will use."""
+        rid = next(self.ids)
+        self.ids = itertools.chain([rid], self.ids)
+        return rid
 
     def prepare(
         self,
@@ -401,7 +411,7 @@ class Request:
 
 async def open_frontend(
     host: Any, created: ctl.DomainCreated, devid: int, nursery: trio.Nursery, stack: Any
-) -> TestFrontend:
+) -> BlkFrontend:
     """Bind as the guest's vCPU0 and as its domid in xenstore, map its RAM, boot."""
     from services.xenstore.client import open_xs_client
     from services.xenstore.messages import host_secret as xs_secret
@@ -413,7 +423,7 @@ async def open_frontend(
         open_xs_client(host.endpoint("xenstore"), created.domid, xs_secret(host.rundir))
     )
     mem = GuestMemory.open(Path(created.memory_path))
-    fe = TestFrontend(created.domid, devid, vcpu, xs, mem)
+    fe = BlkFrontend(created.domid, devid, vcpu, xs, mem)
     stack.callback(fe.close)
     await fe.boot()
     nursery.start_soon(fe.upcall_loop)
@@ -421,10 +431,8 @@ async def open_frontend(
 
 
 @asynccontextmanager
-async def frontend(
-    host: Any, created: ctl.DomainCreated, devid: int
-) -> AsyncIterator[TestFrontend]:
-    """A booted :class:`TestFrontend` whose tasks and channels end with the block."""
+async def frontend(host: Any, created: ctl.DomainCreated, devid: int) -> AsyncIterator[BlkFrontend]:
+    """A booted :class:`BlkFrontend` whose tasks and channels end with the block."""
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         fe = await open_frontend(host, created, devid, nursery, stack)
         try:
