@@ -255,7 +255,13 @@ async def assign_cpu(k: Kernel, port: int, cpu: int) -> int:
     """``xen_intr_assign_cpu`` for a device port (vCPU0, the table's only writer):
     mask the port, ask Xen, switch the table, unmask (re-delivering if pending)."""
     binding = k.ports.get(port)
-    kind = binding.kind if binding else "device"
+    k.refresh_percpu_ports()
+    if binding is not None:
+        kind = binding.kind
+    elif port in k._percpu_owner:
+        kind = "percpu"  # another CPU's VIRQ_TIMER or IPI port: bound to it for life
+    else:
+        kind = "device"
     if not balance.can_assign(kind, k.platform.mode, cpu):
         return -95  # EOPNOTSUPP
     if not balance.needs_hypercall(kind, k.platform.mode):

@@ -1,0 +1,104 @@
+"""PV timers of the guest kernel against a real hypervisor (guest-behaviour E
+7, 8, 12): singleshot semantics per vCPU, the -ETIME retry loop and its
+panic, the past-deadline knob, and the periodic timer stopped on every vCPU
+before any work. Each checks the hypervisor's trace or counters."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from services.frontend.kernel.control import KernelCallout
+from services.frontend.kernel.testing import boot_guest, kernel_host, named
+from shared.abi import hypercall as hc
+from shared.abi.constants import VCPU_SSHOTTMR_future
+from shared.transport import RemoteError
+
+V = 4
+LATE_BOUND_NS = 5_000_000  # slop is 100 µs; a loaded 2-core test machine needs room
+
+
+async def _fired(g, vcpu: int, n: int, timeout: float = 5) -> list[dict]:  # type: ignore[no-untyped-def]
+    reps = await g.wait_reports(lambda r: len(r[vcpu].get("test_callouts", [])) >= n, timeout)
+    return reps[vcpu]["test_callouts"]
+
+
+async def test_singleshot_semantics() -> None:
+    """Scenario 7 on vCPU2: one upcall at >= T; re-arm cancels; stop gives none."""
+    with trio.fail_after(60):
+        async with kernel_host() as hv:
+            g = await boot_guest(hv, "xen", vcpus=V)
+            before = [v.upcalls for v in (await g.detail()).vcpus]
+            await g.trace(clear=True)
+            # arm for T: exactly one firing, at or after T, on vCPU2 only
+            t = (await g.ask(2, KernelCallout(1, 30_000_000))).value
+            (f,) = await _fired(g, 2, 1)
+            assert f["cid"] == 1 and 0 <= f["fired_at"] - t < LATE_BOUND_NS
+            # re-arm for T2 before T: one firing, at >= T2
+            await g.ask(2, KernelCallout(2, 30_000_000))
+            t2 = (await g.ask(2, KernelCallout(2, 60_000_000))).value
+            fired = await _fired(g, 2, 2)
+            await trio.sleep(0.1)
+            fired = g.report(2)["test_callouts"]
+            assert [x["cid"] for x in fired] == [1, 2] and fired[1]["fired_at"] >= t2
+            # stop before T: no firing
+            await g.ask(2, KernelCallout(3, 30_000_000))
+            await g.ask(2, KernelCallout(3, stop=True))
+            await trio.sleep(0.1)
+            assert len(g.report(2)["test_callouts"]) == 2
+            trace = await g.trace()
+            arms = named(trace, "set_singleshot_timer")
+            assert {e.vcpu for e in arms} == {2} and {e.target for e in arms} == {2}
+            assert any(e.vcpu == 2 for e in named(trace, "stop_singleshot_timer"))
+            after = [v.upcalls for v in (await g.detail()).vcpus]
+            assert after[2] - before[2] == 2  # one VIRQ_TIMER upcall per firing
+            assert [after[v] - before[v] for v in (0, 1, 3)] == [0, 0, 0]
+
+
+async def test_etime_retries_then_panic_and_past_deadline_fires() -> None:
+    """Scenario 8: with ``VCPU_SSHOTTMR_future`` and a deadline the hypervisor
+    always finds past, the guest retries (recomputing now + delta) 60 times and
+    panics; without ``_future`` a past deadline gives an immediate upcall."""
+    with trio.fail_after(60):
+        async with kernel_host(sshot_past="etime") as hv:
+            g = await boot_guest(hv, "xen", vcpus=2, timer={"min_period_ns": 0})
+            await g.trace(clear=True)
+            with pytest.raises(RemoteError, match="KernelPanic"):
+                await g.ask(1, KernelCallout(1, 0))
+            await g.wait_reports(lambda r: r[1]["state"] == "panic")
+            arms = [e for e in named(await g.trace(), "set_singleshot_timer") if e.vcpu == 1]
+            assert len(arms) == 60 and {e.rc for e in arms} == {-62}
+            deadlines = [hc.VcpuSetSingleshotTimer.unpack(e.arg) for e in arms]
+            assert all(d.flags == VCPU_SSHOTTMR_future for d in deadlines)
+            stamps = [d.timeout_abs_ns for d in deadlines]
+            assert stamps == sorted(stamps) and len(set(stamps)) == 60  # recomputed each time
+            assert any("panic" in line for line in g.report(1)["dmesg"])
+
+            h = await boot_guest(
+                hv, "xen", vcpus=2, timer={"min_period_ns": 0, "sshot_future": False}
+            )
+            await h.trace(clear=True)
+            await h.ask(1, KernelCallout(1, 0))
+            (f,) = await _fired(h, 1, 1)
+            arms = [e for e in named(await h.trace(), "set_singleshot_timer") if e.vcpu == 1]
+            assert [e.rc for e in arms] == [0]
+            assert hc.VcpuSetSingleshotTimer.unpack(arms[0].arg).flags == 0
+
+
+async def test_periodic_timer_stopped_before_work_and_no_spurious_ticks() -> None:
+    """Scenario 12: stop_periodic_timer(i) on every vCPU i precedes its first
+    singleshot arm and the start of the workloads; an idle guest then takes
+    no timer upcalls at all."""
+    with trio.fail_after(60):
+        async with kernel_host() as hv:
+            work = [{"kind": "callouts", "count": 3, "min_us": 500, "max_us": 2000}]
+            g = await boot_guest(hv, "xen", vcpus=V, workloads=work)
+            await g.wait_reports(lambda r: all(x["workloads"] for x in r))
+            trace = await g.trace()
+            for i in range(V):
+                stops = [e.seq for e in named(trace, "stop_periodic_timer") if e.target == i]
+                arms = [e.seq for e in named(trace, "set_singleshot_timer") if e.vcpu == i]
+                assert stops and arms and stops[0] < arms[0]
+            idle = [v.upcalls for v in (await g.detail()).vcpus]
+            await trio.sleep(0.3)
+            assert [v.upcalls for v in (await g.detail()).vcpus] == idle
