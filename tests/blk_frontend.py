@@ -77,6 +77,7 @@ class BlkFrontend:
         self.stray: list[int] = []  #: responses for ids not in flight
         self.backend: dict[str, bytes] = {}
         self.persistent = False
+        self.order = 0
         self.pool: list[tuple[int, int]] = []  # persistent (gfn, ref), granted writable
         self.notifies = 0
         self.upcalls = 0
@@ -183,8 +184,12 @@ class BlkFrontend:
         else:
             keys["ring-page-order"] = str(order)
             keys |= {f"ring-ref{i}": str(ref) for i, (_, ref) in enumerate(self.ring_pages)}
+        self.order = order
         while True:
             tx = await self.xs.transaction_start()
+            for stale in await self.xs.directory(self.fe, tx):  # keys of an older ring
+                if stale.startswith((b"ring-ref", b"ring-page-order")):
+                    await self.xs.rm(f"{self.fe}/{stale.decode()}", tx)
             for k, v in keys.items():
                 await self.xs.write(f"{self.fe}/{k}", v.encode(), tx)
             await self.xs.write(f"{self.fe}/state", b"3", tx)
@@ -260,7 +265,7 @@ class BlkFrontend:
         await self.set_state(S.Closed)
         await self.wait_backend(S.Closed)
         await self.set_state(S.Initialising)
-        await self.connect(persistent=self.persistent)
+        await self.connect(self.order, persistent=self.persistent)
         for entry in sorted(self.inflight.items()):
             self._put(entry[1].slot)
         await self.kick()
