@@ -131,7 +131,14 @@ async def cpu_init(k: Kernel) -> None:
         k.timer_port = out.port
         k.ports.add(PortBinding(out.port, "virq", VIRQ.TIMER, k.cpu, False))
         k.clock.use_pvclock()
-        k.timer = XenTimer(k.cpu, k.clock, k.call, tcfg.min_period_ns, future=tcfg.sshot_future)
+        k.timer = XenTimer(
+            k.cpu,
+            k.clock,
+            k.call,
+            tcfg.min_period_ns,
+            future=tcfg.sshot_future,
+            backoff=tcfg.etime_backoff,
+        )
     else:
         k.timer = LapicTimer(k.cpu, k.clock, k.call, tcfg.min_period_ns)
     await k.timer.init()

@@ -12,7 +12,7 @@ Keys (all optional except ``vcpus``; the toolstack writes it from the xl.cfg):
                        ``<rundir>/guests/dom<D>/vcpu<K>.json``, control sockets
                        to ``ipc://<rundir>/guests/dom<D>/vcpu<K>.sock``
 ``timer``              ``{"slop_ns": 100000, "min_period_ns": 100000,
-                       "sshot_future": true}``
+                       "sshot_future": true, "etime_backoff": false}``
 ``nmi``                ``"evtchn"`` (FB10: STOP_HARD over an event channel, maskable)
                        or ``"send_nmi"`` (``VCPUOP_send_nmi``, FreeBSD r354637)
 ``platform_pci_irq``   IRQ of the Xen platform PCI device (legacy callback:
@@ -55,6 +55,7 @@ class TimerConfig:
     slop_ns: int = 100_000
     min_period_ns: int = 100_000
     sshot_future: bool = True
+    etime_backoff: bool = False  #: not FB10: double the delta on each -ETIME retry
 
 
 @attrs.frozen

@@ -53,6 +53,7 @@ def build(k: Kernel, devices: list[int], workloads: dict[str, Any]) -> dict[str,
             "apic": {str(v): n for v, n in sorted(sc.apic.items())} if sc else {},
             "upcalls": sc.upcalls if sc else 0,
             "stray": sc.stray if sc else 0,
+            "lost_edges": sc.lost_edges if sc else 0,
         },
         "ipi": {
             "sent": dict(k.ipi_sent),

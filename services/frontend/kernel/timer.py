@@ -71,9 +71,12 @@ class EventTimer:
 class XenTimer(EventTimer):
     kind = "xentimer"
 
-    def __init__(self, *args: object, future: bool = True, **kw: object) -> None:
+    def __init__(
+        self, *args: object, future: bool = True, backoff: bool = False, **kw: object
+    ) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         self.future = future
+        self.backoff = backoff  # not FB10: double delta after each -ETIME (a slow host)
 
     async def start(self, deadline: int) -> None:
         delta = max(deadline - self.clock.now(), 1)
@@ -86,6 +89,8 @@ class XenTimer(EventTimer):
             if rc != ETIME:
                 break
             self.etime_retries += 1
+            if self.backoff:
+                delta *= 2
         else:
             raise TimerPanic(f"xentimer: cannot arm after {MAX_TRIES} -ETIME answers")
         self.max_retries = max(self.max_retries, tries - 1)
