@@ -26,7 +26,8 @@ import trio
 from services.hypervisor import control as ctl
 from services.hypervisor.effects import Upcall
 from services.hypervisor.messages import EventChannelOp, HvmOp, MemoryOp
-from services.xenstore.client import XsClient, XsClientError
+from services.xenstore.client import XsClient, XsClientError, open_xs_client
+from services.xenstore.messages import host_secret as xs_secret
 from shared.abi import blkif as bi
 from shared.abi import grant as gt
 from shared.abi import hypercall as hc
@@ -34,7 +35,7 @@ from shared.abi import sharedinfo as si
 from shared.abi.constants import DOMID, EVTCHNOP, HVM_PARAM, HVMOP, XENMAPSPACE, XENMEM, XenbusState
 from shared.abi.ring import PAGE_SIZE, FrontRing
 from shared.guestmem import GuestMemory
-from shared.transport import Channel
+from shared.transport import Channel, open_channel
 from tests.blk_harness import vbd_paths
 
 SHARED_INFO_GFN = 2
@@ -70,7 +71,7 @@ class BlkFrontend:
         self.ring: FrontRing | None = None
         self.ring_pages: list[tuple[int, int]] = []
         self.port = 0
-        self.ids = itertools.count(1)
+        self.next_id = 1
         self.clock = itertools.count(1)
         self.inflight: dict[int, InFlight] = {}
         self.responses: collections.Counter[int] = collections.Counter()
@@ -78,6 +79,8 @@ class BlkFrontend:
         self.backend: dict[str, bytes] = {}
         self.persistent = False
         self.order = 0
+        self.closed = False
+        self.backlog: collections.deque[bytes] = collections.deque()
         self.pool: list[tuple[int, int]] = []  # persistent (gfn, ref), granted writable
         self.notifies = 0
         self.upcalls = 0
@@ -120,7 +123,7 @@ class BlkFrontend:
         vi = si.vcpu_info_offset(0)
         while True:
             msg = await self.vcpu.receive()
-            if not isinstance(msg, Upcall):
+            if not isinstance(msg, Upcall) or self.closed:
                 continue
             self.upcalls += 1
             ports = []
@@ -136,6 +139,8 @@ class BlkFrontend:
                                 ports.append(word * 64 + bit)
             if self.port in ports:
                 self.take_responses()
+                if self._refill():
+                    await self.kick()
 
     # --- xenbus ---------------------------------------------------------------------------
 
@@ -205,6 +210,7 @@ class BlkFrontend:
 
     def close(self) -> None:
         """Release our views of guest RAM, then the mapping."""
+        self.closed = True
         self.ring = None
         self.table.release()
         for view in self._views:
@@ -266,8 +272,9 @@ class BlkFrontend:
         await self.wait_backend(S.Closed)
         await self.set_state(S.Initialising)
         await self.connect(self.order, persistent=self.persistent)
-        for entry in sorted(self.inflight.items()):
-            self._put(entry[1].slot)
+        self.backlog.clear()  # everything without a response goes again, in id order
+        for _rid, entry in sorted(self.inflight.items()):
+            self._put(entry.slot)
         await self.kick()
 
     async def teardown(self) -> None:
@@ -279,8 +286,18 @@ class BlkFrontend:
     # --- ring -----------------------------------------------------------------------------
 
     def _put(self, slot: bytes) -> None:
-        assert self.ring is not None
-        self.ring.put_request(slot)
+        """Into the ring, or behind it when every slot is taken (as blkfront queues)."""
+        if self.ring is None or self.ring.full() or self.backlog:
+            self.backlog.append(slot)
+        else:
+            self.ring.put_request(slot)
+
+    def _refill(self) -> bool:
+        moved = False
+        while self.ring is not None and self.backlog and not self.ring.full():
+            self.ring.put_request(self.backlog.popleft())
+            moved = True
+        return moved
 
     async def kick(self) -> None:
         assert self.ring is not None
@@ -338,9 +355,7 @@ class BlkFrontend:
 
     def peek_id(self) -> int:
         """The id the next :meth:`prepare` will use."""
-        rid = next(self.ids)
-        self.ids = itertools.chain([rid], self.ids)
-        return rid
+        return self.next_id
 
     def prepare(
         self,
@@ -354,7 +369,7 @@ class BlkFrontend:
         more than 11 segments, or ``indirect``, makes it a BLKIF_OP_INDIRECT."""
         nbytes = len(data) if data is not None else nbytes
         assert nbytes % SECTOR == 0
-        rid = next(self.ids)
+        rid, self.next_id = self.next_id, self.next_id + 1
         readonly = op != bi.BlkifOp.READ
         pages, segs = [], []
         for off in range(0, nbytes, PAGE_SIZE):
@@ -385,6 +400,7 @@ class BlkFrontend:
             out += self.mem.read(gfn, 0, min(PAGE_SIZE, req.nbytes - len(out)))
         for gfn, ref in req.pages + req.ind_pages:
             self._unpage(gfn, ref)
+        req.pages, req.ind_pages = [], []  # given back once
         return bytes(out) if req.op == bi.BlkifOp.READ else b""
 
     async def run(self, reqs: list[Request], timeout: float = 30) -> list[tuple[int, bytes]]:
@@ -415,13 +431,10 @@ class Request:
 
 
 async def open_frontend(
-    host: Any, created: ctl.DomainCreated, devid: int, nursery: trio.Nursery, stack: Any
+    host: Any, created: ctl.DomainCreated, devid: int, stack: AsyncExitStack
 ) -> BlkFrontend:
-    """Bind as the guest's vCPU0 and as its domid in xenstore, map its RAM, boot."""
-    from services.xenstore.client import open_xs_client
-    from services.xenstore.messages import host_secret as xs_secret
-    from shared.transport import open_channel
-
+    """Bind as the guest's vCPU0 and as its domid in xenstore, map its RAM, boot.
+    Run :meth:`BlkFrontend.upcall_loop` in a nursery that ends before ``stack``."""
     vcpu = await stack.enter_async_context(open_channel(host.endpoint("hypervisor")))
     await vcpu.call(ctl.VcpuHello(created.domid, 0, created.tokens[0]), timeout=10)
     xs = await stack.enter_async_context(
@@ -431,16 +444,18 @@ async def open_frontend(
     fe = BlkFrontend(created.domid, devid, vcpu, xs, mem)
     stack.callback(fe.close)
     await fe.boot()
-    nursery.start_soon(fe.upcall_loop)
     return fe
 
 
 @asynccontextmanager
 async def frontend(host: Any, created: ctl.DomainCreated, devid: int) -> AsyncIterator[BlkFrontend]:
-    """A booted :class:`BlkFrontend` whose tasks and channels end with the block."""
-    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
-        fe = await open_frontend(host, created, devid, nursery, stack)
-        try:
-            yield fe
-        finally:
-            nursery.cancel_scope.cancel()
+    """A booted :class:`BlkFrontend`; its upcall task stops before its channels
+    and memory go, so an error in the block is the one reported."""
+    async with AsyncExitStack() as stack:
+        fe = await open_frontend(host, created, devid, stack)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fe.upcall_loop)
+            try:
+                yield fe
+            finally:
+                nursery.cancel_scope.cancel()
