@@ -463,3 +463,28 @@ async def test_a_doorbell_must_be_the_guests_own_fifo() -> None:
                 assert err.value.code == "refused"
             with pytest.raises(RemoteError):
                 await hv.dom0.call(ctl.VcpuDoorbell("/tmp/x"))
+
+
+async def test_scenario_knobs_of_the_host() -> None:
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host(
+            callback_vector="fail", sshot_etime_first="2", periodic_default_hz="100"
+        ) as hv:
+            a = await hv.create(vcpus=1)
+            v = a.vcpus[0]
+            arg = hc.XenAddToPhysmap(DOMID.SELF, XENMAPSPACE.shared_info, 0, SHARED_INFO_GFN)
+            await v.call(MemoryOp(XENMEM.add_to_physmap, arg.pack()))
+            vector = hc.XenHvmParam(DOMID.SELF, HVM_PARAM.CALLBACK_IRQ, 2 << 56 | 0xF3)
+            assert (await v.call(HvmOp(HVMOP.set_param, vector.pack()))).value == EINVAL
+            gsi = hc.XenHvmParam(DOMID.SELF, HVM_PARAM.CALLBACK_IRQ, 28)
+            assert (await v.call(HvmOp(HVMOP.set_param, gsi.pack()))).value == 0
+            rc, timer = await v.evtchn(EVTCHNOP.bind_virq, hc.EvtchnBindVirq(VIRQ.TIMER, 0))
+            seen = await v.wait_upcalls(3, timeout=2)  # the default periodic timer ticks
+            assert len(seen) >= 3 and all(u.ports == (timer.port,) for u in seen)
+            assert (await v.call(VcpuOp(VCPUOP.stop_periodic_timer, 0, b""))).value == 0
+            await trio.sleep(0.05)
+            await v.upcalls()
+            await trio.sleep(0.1)
+            assert await v.upcalls() == ()
+            results = [(await _arm(v, 10_000_000))[0] for _ in range(3)]
+            assert results == [ETIME, ETIME, 0]

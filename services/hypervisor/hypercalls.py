@@ -103,7 +103,7 @@ class Dispatcher:
         self.host = host
         self.strict = strict  # tests: let a bug in a core raise instead of -EFAULT
         self.internal_errors = 0
-        self._reasons: dict[tuple[type, object], str] = {}
+        self._reasons: dict[tuple[object, ...], str] = {}
 
     def dispatch(self, caller: int, vcpu: int, msg: object) -> tuple[HypercallResult, Effects]:
         d = self.host.domains.get(caller)
@@ -129,7 +129,10 @@ class Dispatcher:
 
     def reason(self, msg: object) -> str:
         """The exit reason of ``msg`` (``hypercall:event_channel_op.send``...)."""
-        key = (type(msg), getattr(msg, "cmd", None))
+        if isinstance(msg, ApicAccess):  # named by register, not by a command
+            key: tuple[object, ...] = (ApicAccess, msg.reg, msg.write)
+        else:
+            key = (type(msg), getattr(msg, "cmd", None))
         reason = self._reasons.get(key)
         if reason is None:  # built once per (message, command)
             reason = self._reasons[key] = self._reason(msg)

@@ -32,6 +32,7 @@ from services.hypervisor.messages import (
     ApicAccess,
     Cpuid,
     EventChannelOp,
+    HvmOp,
     HypercallResult,
     MemoryOp,
     SchedOp,
@@ -40,7 +41,15 @@ from services.hypervisor.messages import (
 from services.hypervisor.vcpus import VcpuProcesses
 from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
-from shared.abi.constants import EVTCHNOP, VCPUOP
+from shared.abi.constants import (
+    EVTCHNOP,
+    HVM_PARAM,
+    HVM_PARAM_CALLBACK_TYPE,
+    HVMOP,
+    VCPUOP,
+    XenErrno,
+    xen_error,
+)
 from shared.doorbell import APIC as APIC_KICK
 from shared.doorbell import EOI, NMI, UPCALL, DoorbellWriter, bell_path
 from shared.guestmem import GuestMemory, ram_path
@@ -97,7 +106,19 @@ class HypervisorService:
         self.host_name = ctx.host.name
         self.endpoint = ctx.host.endpoint("hypervisor")
         self.secret = host_secret(ctx.host.rundir, create=True)
-        sshot_past = str(ctx.host.settings.get("sshot_past", "etime"))
+        settings = ctx.host.settings
+        sshot_past = str(settings.get("sshot_past", "etime"))
+        # Test knobs of guest-behaviour E (each off by default):
+        #  callback_vector = "fail": refuse HVM_PARAM_CALLBACK_IRQ of type vector
+        #    while still advertising XENFEAT_hvm_callback_vector (scenario 3);
+        #  sshot_etime_first = K: each vCPU's first K singleshot arms get -ETIME
+        #    (scenario 8);
+        #  periodic_default_hz = N: new vCPUs start with an N Hz periodic
+        #    VIRQ_TIMER, as PV vCPUs do (scenario 12).
+        self.fail_vector = settings.get("callback_vector") == "fail"
+        self.etime_first = int(settings.get("sshot_etime_first", 0))
+        self.periodic_hz = int(settings.get("periodic_default_hz", 0))
+        self._etimes: collections.Counter[tuple[int, int]] = collections.Counter()
         self.core = Host(time.monotonic_ns, sshot_past=sshot_past)  # type: ignore[arg-type]
         self.dispatcher = Dispatcher(self.core)
         # Dom0's processes take their events through the adapter (_dom0_upcall),
@@ -242,6 +263,11 @@ class HypervisorService:
 
     def hypercall(self, peer: Peer, msg: Any) -> HypercallResult:
         domid, vcpu = self._caller(peer)
+        refused = self._knob_refusal(domid, vcpu, msg)
+        if refused is not None:
+            self.core.accounting.record_exit(domid, vcpu, self.dispatcher.reason(msg))
+            self._trace(domid, vcpu, msg, refused.value)
+            return refused
         result, effects = self.dispatcher.dispatch(domid, vcpu, msg)
         self._trace(domid, vcpu, msg, result.value)
         if result.value >= 0:  # first: a new dom0 port's owner must be known
@@ -307,6 +333,28 @@ class HypervisorService:
             if self.waiters.get(key) is event:
                 del self.waiters[key]
             self.core.evtchn.cancel_poll(*key)
+
+    def _knob_refusal(self, domid: int, vcpu: int, msg: Any) -> HypercallResult | None:
+        """What a test knob makes the hypervisor answer instead (None: nothing)."""
+        if domid == 0:
+            return None
+        if self.fail_vector and type(msg) is HvmOp and msg.cmd == HVMOP.set_param:
+            param = hc.XenHvmParam.unpack(msg.arg) if len(msg.arg) >= 16 else None
+            if (
+                param is not None
+                and param.index == HVM_PARAM.CALLBACK_IRQ
+                and param.value >> 56 == HVM_PARAM_CALLBACK_TYPE.VECTOR
+            ):
+                return HypercallResult(xen_error(XenErrno.EINVAL), b"")
+        if (
+            self.etime_first
+            and type(msg) is VcpuOp
+            and msg.cmd == VCPUOP.set_singleshot_timer
+            and self._etimes[domid, vcpu] < self.etime_first
+        ):
+            self._etimes[domid, vcpu] += 1
+            return HypercallResult(xen_error(XenErrno.ETIME), b"")
+        return None
 
     def _trace(self, domid: int, vcpu: int, msg: Any, rc: int) -> None:
         trace = self.traces.get(domid)
@@ -438,6 +486,10 @@ class HypervisorService:
             memory.unlink()
             raise
         self.core.domains.pause(d.domid)
+        if self.periodic_hz:
+            for v in range(msg.vcpus):
+                self.core.timers.set_periodic(d.domid, v, 1_000_000_000 // self.periodic_hz)
+            self._rearm()
         tokens = tuple(VcpuProcesses.new_token() for _ in range(msg.vcpus))
         self.guests[d.domid] = GuestRuntime(msg.name, memory, tokens)
         self.traces[d.domid] = DomainTrace()

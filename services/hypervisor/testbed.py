@@ -9,6 +9,7 @@ kills every process it started, by PID, and checks nothing is left.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -177,7 +178,9 @@ def _topology(rundir: Path, settings: dict[str, str]) -> Path:
 @asynccontextmanager
 async def hypervisor_host(**settings: str) -> AsyncIterator[HvHost]:
     base = Path(tempfile.mkdtemp(prefix="ds-hv-", dir="/tmp"))
-    rundir = base / "h"
+    # A host name of its own: RAM files are /dev/shm/domsplit-<host>-dom<N>, and
+    # test beds running at once must not collide there.
+    rundir = base / ("h" + secrets.token_hex(3))
     rundir.mkdir()
     topo = _topology(rundir, settings)
     proc = subprocess.Popen(

@@ -17,6 +17,7 @@ from typing import Final
 
 import attrs
 
+from shared import atomics
 from shared.abi._layout import layout
 from shared.abi.constants import EVTCHN_2L_NR_CHANNELS, XEN_LEGACY_MAX_VCPUS
 
@@ -96,17 +97,15 @@ def _test_bit(buf: bytearray | memoryview, base: int, nr: int) -> bool:
 
 
 def _test_and_set_bit(buf: bytearray | memoryview, base: int, nr: int) -> bool:
-    at, bit = base + (nr >> 3), 1 << (nr & 7)
-    old = buf[at]
-    buf[at] = old | bit
-    return bool(old & bit)
+    # Atomic: the hypervisor and the guest's vCPU processes change these bytes
+    # concurrently (a plain read-modify-write loses updates).
+    bit = 1 << (nr & 7)
+    return bool(atomics.fetch_or_u8(buf, base + (nr >> 3), bit) & bit)
 
 
 def _test_and_clear_bit(buf: bytearray | memoryview, base: int, nr: int) -> bool:
-    at, bit = base + (nr >> 3), 1 << (nr & 7)
-    old = buf[at]
-    buf[at] = old & ~bit & 0xFF
-    return bool(old & bit)
+    bit = 1 << (nr & 7)
+    return bool(atomics.fetch_and_u8(buf, base + (nr >> 3), ~bit & 0xFF) & bit)
 
 
 def evtchn_is_pending(buf: bytearray | memoryview, port: int) -> bool:
@@ -157,9 +156,7 @@ def upcall_pending(buf: bytearray | memoryview, vcpu: int) -> bool:
 
 def set_upcall_pending(buf: bytearray | memoryview, vcpu: int, value: bool = True) -> bool:
     """Write ``evtchn_upcall_pending``; returns the previous value."""
-    old = buf[vcpu + _UPCALL_PENDING] != 0
-    buf[vcpu + _UPCALL_PENDING] = int(value)
-    return old
+    return atomics.exchange_u8(buf, vcpu + _UPCALL_PENDING, int(value)) != 0
 
 
 def pending_sel(buf: bytearray | memoryview, vcpu: int) -> int:
@@ -173,9 +170,7 @@ def set_pending_sel_bit(buf: bytearray | memoryview, vcpu: int, word: int) -> bo
 
 def take_pending_sel(buf: bytearray | memoryview, vcpu: int) -> int:
     """The guest's ``xchg(pending_sel, 0)``: read the selector and clear it."""
-    old = pending_sel(buf, vcpu)
-    _U64.pack_into(buf, vcpu + _PENDING_SEL, 0)
-    return old
+    return atomics.exchange_u64(buf, vcpu + _PENDING_SEL, 0)
 
 
 def evtchn_2l_set_pending(buf: bytearray | memoryview, port: int, vcpu: int) -> bool:
