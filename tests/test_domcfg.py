@@ -12,8 +12,8 @@ name = "g1"
 vcpus = 4
 memory = 64   # MiB
 platform = 'xen-legacy'
-workloads = [ "timers:count=10",
-              "ipi:rounds=5" ]   # spans lines
+workloads = [ "callouts:vcpus=0/1,count=10",
+              "ipi_pingpong:from=0,to=1,gap_us=2.5" ]   # spans lines
 disk = ["target=/tmp/x.img, vdev=xvda, access=rw"]
 kernel_option = "a # not a comment"
 """
@@ -27,12 +27,16 @@ def test_parses_every_known_key_and_keeps_the_others() -> None:
         64,
         "xen-legacy",
         0xFFFFFFFF,
-        ("timers:count=10", "ipi:rounds=5"),
+        ("callouts:vcpus=0/1,count=10", "ipi_pingpong:from=0,to=1,gap_us=2.5"),
         ("target=/tmp/x.img, vdev=xvda, access=rw",),
         {"kernel_option": "a # not a comment"},
     )
     assert cfg.pages == 64 * 256
     assert cfg.to_json()["kernel_option"] == "a # not a comment"
+    assert cfg.to_json()["workloads"] == [
+        {"kind": "callouts", "vcpus": [0, 1], "count": 10},
+        {"kind": "ipi_pingpong", "from": 0, "to": 1, "gap_us": 2.5},
+    ]
 
 
 @pytest.mark.parametrize(
@@ -45,6 +49,7 @@ def test_parses_every_known_key_and_keeps_the_others() -> None:
         ('name = "x"\nmemory = 99999', "memory"),
         ('name = "bad name"', "not a valid domain name"),
         ('name = "x"\nworkloads = [1, 2]', "workloads: a list of strings"),
+        ('name = "x"\nworkloads = ["callouts:count"]', "not key=value"),
         ('name = "x"\nvcpus = __import__("os")', "not a number"),
         ('name = "x"\nworkloads = [ "a"', "unclosed"),
         ("just words", "expected 'key = value'"),

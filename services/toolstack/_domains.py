@@ -341,20 +341,26 @@ def interrupts(args: argparse.Namespace) -> int:
         domid = await resolve(d, args.domain)
         detail = await d.hv.call(ctl.DomainDetailRequest(domid))
         guest = reports(d.host, domid)
-        table = {
-            s.vcpu: {
+        table = {}
+        for s in detail.vcpus:
+            handled = guest.get(s.vcpu, {}).get("interrupts", {})
+            table[s.vcpu] = {
                 "upcalls_delivered": s.upcalls,
-                "ports": guest.get(s.vcpu, {}).get("interrupts", {}),
+                "ports": handled.get("evtchn", {}),
+                "apic_vectors": handled.get("apic", {}),
             }
-            for s in detail.vcpus
-        }
         if args.json:
             _render.print_json({"domid": domid, "vcpus": table})
         else:
             rows = [
                 {"vcpu": v, "source": f"port {p}", "count": n}
                 for v, t in table.items()
-                for p, n in sorted(t["ports"].items(), key=lambda kv: str(kv[0]))
+                for p, n in sorted(t["ports"].items(), key=lambda kv: int(kv[0]))
+            ]
+            rows += [
+                {"vcpu": v, "source": f"apic vector {x}", "count": n}
+                for v, t in table.items()
+                for x, n in sorted(t["apic_vectors"].items(), key=lambda kv: int(kv[0]))
             ]
             rows += [
                 {"vcpu": v, "source": "upcalls (hypervisor)", "count": t["upcalls_delivered"]}

@@ -7,7 +7,7 @@ A file is ``key = value`` lines, values being integers, quoted strings or
     vcpus = 4
     memory = 64            # MiB
     platform = "xen"       # bare | xen-legacy | xen  (the hypervisor personality)
-    workloads = [ "timers:count=200", "ipi:rounds=100" ]
+    workloads = [ "callouts:vcpus=0/1,count=200", "ipi_pingpong:from=0,to=1" ]
     disk = [ "target=/tmp/disk.img, vdev=xvda, access=rw" ]
 
 :func:`parse` checks the keys domsplit knows and their types and returns a
@@ -54,10 +54,38 @@ class DomainConfig:
             "vcpus": self.vcpus,
             "memory": self.memory,
             "platform": self.platform,
-            "workloads": list(self.workloads),
+            "workloads": [parse_workload(w) for w in self.workloads],
             "disk": list(self.disk),
             **self.extra,
         }
+
+
+def parse_workload(spec: str) -> dict[str, Any]:
+    """``"kind:key=value,key=value"`` → ``{"kind": ..., key: value}``; numbers
+    become int or float, ``a/b/c`` a list (``vcpus=0/1/2/3``)."""
+    kind, _, rest = spec.partition(":")
+    out: dict[str, Any] = {"kind": kind.strip()}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"workload {spec!r}: {item!r} is not key=value")
+        out[key.strip()] = _scalar_or_list(value.strip())
+    return out
+
+
+def _scalar_or_list(value: str) -> Any:
+    if "/" in value:
+        return [_scalar(v) for v in value.split("/")]
+    return _scalar(value)
+
+
+def _scalar(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _statements(text: str) -> list[tuple[int, str]]:
@@ -137,6 +165,8 @@ def _checked(values: dict[str, Any]) -> DomainConfig:
     for key, items in (("workloads", workloads), ("disk", disk)):
         if not all(isinstance(i, str) for i in items):
             raise ConfigError(f"{key}: a list of strings")
+    for spec in workloads:
+        parse_workload(spec)
     return DomainConfig(name, vcpus, memory, platform, mask, workloads, disk, values)
 
 
