@@ -85,6 +85,57 @@ async def test_etime_retries_then_panic_and_past_deadline_fires() -> None:
             assert hc.VcpuSetSingleshotTimer.unpack(arms[0].arg).flags == 0
 
 
+@pytest.mark.parametrize("k", [1, 7, 30, 59])
+async def test_etime_k_times_then_the_next_arm_succeeds(k: int) -> None:
+    """Scenario 8, k = 1..59 (host setting ``sshot_etime_first = k``): the
+    hypervisor answers -ETIME to the first k arms of each vCPU; the guest
+    recomputes ``now + delta`` each time, the (k+1)-th call succeeds and
+    exactly one timer fires."""
+    with trio.fail_after(60):
+        async with kernel_host(sshot_etime_first=str(k)) as hv:
+            g = await boot_guest(hv, "xen", vcpus=2)
+            before = [v.upcalls for v in (await g.detail()).vcpus]
+            t = (await g.ask(1, KernelCallout(1, 20_000_000))).value
+            (f,) = await _fired(g, 1, 1)
+            assert f["fired_at"] >= t
+            await trio.sleep(0.1)
+            assert len(g.report(1)["test_callouts"]) == 1
+            arms = [e for e in named(await g.trace(), "set_singleshot_timer") if e.vcpu == 1]
+            assert [e.rc for e in arms] == [-62] * k + [0]
+            deadlines = [hc.VcpuSetSingleshotTimer.unpack(e.arg) for e in arms]
+            assert {d.flags for d in deadlines} == {VCPU_SSHOTTMR_future}
+            stamps = [d.timeout_abs_ns for d in deadlines]
+            assert all(a < b for a, b in zip(stamps, stamps[1:], strict=False))  # recomputed
+            assert stamps[0] <= t + 1_000_000  # the same 20 ms delta each time, from a later now
+            after = [v.upcalls for v in (await g.detail()).vcpus]
+            assert after[1] - before[1] == 1  # one VIRQ_TIMER upcall
+            timer = g.report(1)["event_timer"]
+            assert timer["etime_retries"] == k and timer["max_retries"] == k
+            assert g.report(1)["state"] == "running"
+
+
+async def test_default_periodic_timer_is_stopped_on_every_vcpu_before_work() -> None:
+    """Scenario 12 with a hypervisor that starts every vCPU with a 100 Hz
+    periodic VIRQ_TIMER (``periodic_default_hz = 100``): each vCPU i gets
+    ``stop_periodic_timer(i)`` before its VIRQ_TIMER is bound and before any
+    workload runs; afterwards no 100 Hz tick reaches any vCPU."""
+    with trio.fail_after(60):
+        async with kernel_host(periodic_default_hz="100") as hv:
+            work = [{"kind": "callouts", "count": 2, "min_us": 500, "max_us": 1000}]
+            g = await boot_guest(hv, "xen", vcpus=V, workloads=work)
+            await g.wait_reports(lambda r: all(x["workloads"] for x in r))
+            trace = await g.trace()
+            for i in range(V):
+                stops = [e for e in named(trace, "stop_periodic_timer") if e.target == i]
+                assert stops and stops[0].rc == 0, i
+                binds = [e.seq for e in named(trace, "bind_virq") if e.vcpu == i]
+                arms = [e.seq for e in named(trace, "set_singleshot_timer") if e.vcpu == i]
+                assert binds and arms and stops[0].seq < binds[0] < arms[0]
+            idle = [v.upcalls for v in (await g.detail()).vcpus]
+            await trio.sleep(0.5)  # 50 ticks per vCPU, had one been left running
+            assert [v.upcalls for v in (await g.detail()).vcpus] == idle
+
+
 async def test_periodic_timer_stopped_before_work_and_no_spurious_ticks() -> None:
     """Scenario 12: stop_periodic_timer(i) on every vCPU i precedes its first
     singleshot arm and the start of the workloads; an idle guest then takes
