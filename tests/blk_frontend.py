@@ -323,14 +323,20 @@ class BlkFrontend:
             if not ring.final_check_for_responses():
                 return
 
-    async def submit_raw(self, slots: list[bytes]) -> list[InFlight]:
-        """Put already encoded requests (their ``id`` at offset 8) and kick once."""
+    def put_requests(self, slots: list[bytes]) -> list[InFlight]:
+        """Put encoded requests (``id`` at offset 8) in the ring, not yet pushed;
+        synchronous, so a cancelled caller never leaves half a batch unrecorded."""
         out = []
         for slot in slots:
             rid = int.from_bytes(slot[8:16], "little")
             entry = self.inflight[rid] = InFlight(slot, submitted=next(self.clock))
             self._put(slot)
             out.append(entry)
+        return out
+
+    async def submit_raw(self, slots: list[bytes]) -> list[InFlight]:
+        """Put encoded requests and kick once."""
+        out = self.put_requests(slots)
         await self.kick()
         return out
 

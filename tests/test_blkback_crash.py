@@ -82,11 +82,12 @@ async def _workload(
             assert req.id == rid
             batch.append((rid, cursor, count, req))
             cursor += count
-        entries = await fe.submit_raw([r.slot for *_, r in batch])
+        entries = fe.put_requests([r.slot for *_, r in batch])
         for (_, sector, count, req), entry in zip(batch, entries, strict=True):
             writes.append(Write(req.id, sector, count, entry, req))
         if rng.random() < 0.4:
-            flushes += await fe.submit_raw([fe.prepare(BlkifOp.FLUSH_DISKCACHE, 0).slot])
+            flushes += fe.put_requests([fe.prepare(BlkifOp.FLUSH_DISKCACHE, 0).slot])
+        await fe.kick()
         await fe.wait(entries)
         for w in writes[-len(entries) :]:
             fe.finish(w.request)
