@@ -20,7 +20,13 @@ Keys (all optional except ``vcpus``; the toolstack writes it from the xl.cfg):
 ``device_ports``       unbound ports (remote dom0) allocated on vCPU0 before SMP
                        start, as frontends do: an event source binds to them
 ``device_work_us``     the handler's busy work per event on a device port (50)
-``boot_hold_s``        how long the boot waits for each xenbus frontend (5.0)
+``boot_hold_s``        how long boot waits for the xenbus frontends to connect (5.0);
+                       then it goes on without them and says so in the boot log
+``xenbus_drivers``     ``{"vbd": "package.module:Class"}``: frontend drivers to use
+                       (besides those registered in :mod:`.xenbus`); ``"stub"``
+                       is the reference driver :mod:`.xbstub`
+``pv_cdrom``           attach PV CD-ROMs too (default false: an HVM guest declines a
+                       ``device-type=cdrom`` vbd and keeps the emulated ATAPI CD)
 ``workloads``          list of workload specs, run once boot finished (below)
 =====================  ==========================================================
 
@@ -71,6 +77,8 @@ class KernelConfig:
     device_ports: int = 0
     device_work_us: int = 50
     boot_hold_s: float = 5.0
+    xenbus_drivers: dict[str, str] = attrs.Factory(dict)
+    pv_cdrom: bool = False
     workloads: tuple[dict[str, Any], ...] = ()
 
     def report_dir(self, domid: int) -> Path | None:

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from services.frontend.kernel import ipi as ipis
+from services.frontend.kernel import park
 from services.frontend.kernel.callout import CalloutWheel
 from services.frontend.kernel.clock import GuestClock
 from services.frontend.kernel.config import KernelConfig
@@ -85,6 +86,8 @@ class Kernel:
         self.on_func: dict[int, Callable[[int, tuple[int, int, int, int, int]], None]] = {}
         self.changed = trio.Event()
         self.nursery: trio.Nursery | None = None
+        self.parked = False
+        self.unparked = trio.Event()
 
     # --- output ------------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -104,6 +107,8 @@ class Kernel:
 
     # --- exits -------------------------------------------------------------------------------
     async def call(self, msg: Any) -> HypercallResult:
+        if self.parked:  # a parked CPU runs nothing: its threads wait here
+            await self.unparked.wait()
         self.exits[type(msg).__name__] += 1
         return await self.hv.call(msg, timeout=30)
 
@@ -253,6 +258,8 @@ class Kernel:
                 await self._call_function(sender, slot)
         elif kind is IPI.STOP_HARD:
             self.nmis += 1
+        elif kind is IPI.SUSPEND and self.cpu != 0:
+            await park.cpususpend_handler(self)
         self.touch()
 
     async def _call_function(self, sender: int, slot: tuple[int, int, int, int, int]) -> None:

@@ -10,7 +10,9 @@ call-function work) each sender writes its own counter or its own ring.
 =========================  ==========  ====================================================
 gfn                        writer      contents
 =========================  ==========  ====================================================
-0 ``GLOBALS_GFN``          vCPU0       boot stage, platform decision, nr_vcpus
+0 ``GLOBALS_GFN``          vCPU0       boot stage, platform decision, nr_vcpus, park
+                                       generation (odd: APs must park; FreeBSD's
+                                       ``started_cpus`` in reverse)
 1 ``DEVTAB_GFN``           vCPU0       device-port table: per port a u32 mask of the CPUs
                                        that service it (FreeBSD's per-CPU enabled bits)
 2 ``SHARED_INFO_GFN``      Xen+guest   ``struct shared_info`` (XENMEM_add_to_physmap)
@@ -41,6 +43,7 @@ MAX_IPI_PORTS = 16
 # --- globals page (vCPU0 writes) -------------------------------------------------------------
 _G_HEAD = struct.Struct("<QIIIIIIIIII")  # magic, stage, mode, flags, features, version,
 # nr_vcpus, shared_info_gfn, cpuid_base, nmi_mode, boot_seq
+_G_PARK = 128  # u32 park generation: vCPU0 makes it odd to park the APs, even to release
 
 # --- per-CPU page (CPU k writes) -------------------------------------------------------------
 VCPU_INFO_OFFSET = 0
@@ -128,6 +131,12 @@ class KernelMemory:
         if _U64.unpack_from(self.ram, GLOBALS_GFN * PAGE_SIZE)[0] != GLOBALS_MAGIC:
             return Stage.NONE
         return _U32.unpack_from(self.ram, GLOBALS_GFN * PAGE_SIZE + 8)[0]
+
+    def park_generation(self) -> int:
+        return _U32.unpack_from(self.ram, GLOBALS_GFN * PAGE_SIZE + _G_PARK)[0]
+
+    def set_park_generation(self, gen: int) -> None:
+        _U32.pack_into(self.ram, GLOBALS_GFN * PAGE_SIZE + _G_PARK, gen & 0xFFFFFFFF)
 
     # --- device-port table -----------------------------------------------------------------
     def port_cpus(self, port: int) -> int:

@@ -90,15 +90,10 @@ class Guest:
         if k.cpu == 0:
             k.log(f"booting {k.cfg.name}: {k.nr_cpus} vCPUs")
             self.devices = await boot.boot_bsp(k)
-            xenbus: Any = None
             if self.args.xenstore and k.platform.xen:
-                try:
-                    from services.frontend.kernel import xenbus
-                except ImportError:
-                    k.log("xenbus: not built into this kernel yet; booting without it")
-                    xenbus = None
-            if self.args.xenstore and k.platform.xen and xenbus is not None:
-                self.xenbus = xenbus.Xenbus(k, self.args.xenstore, self.args.xs_token)
+                from services.frontend.kernel.xenbus import Xenbus
+
+                self.xenbus = Xenbus(k, self.args.xenstore, self.args.xs_token)
                 assert k.nursery is not None
                 await self.xenbus.attach(k.nursery, self.devices)
             k.mem.set_stage(Stage.DEVICES)
@@ -107,7 +102,8 @@ class Guest:
             await boot.boot_ap(k)
             while k.mem.stage() < Stage.DEVICES:
                 await trio.sleep(0.002)
-        k.state = "running"
+        if k.state == "booting":
+            k.state = "running"
         k.touch()
 
     async def main(self) -> None:

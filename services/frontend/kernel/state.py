@@ -105,3 +105,22 @@ class VcpuKernelState:
     upcall: UpcallState
     timer: EventTimerState
     counters: dict[str, int]
+
+
+@message(408)
+class XenbusDeviceRecord:
+    """One xenbus frontend as the bus knows it (``device/<devtype>/<devid>``):
+    ``otherend`` is the backend path, ``state``/``otherend_state`` the last
+    ``XenbusState`` written/seen, ``outcome`` ``attaching`` | ``connected`` |
+    ``closed`` | ``declined`` | ``failed`` | ``no-driver``, ``why`` the reason."""
+
+    nodename: str
+    devtype: str
+    devid: int
+    otherend: str
+    otherend_id: int
+    state: int
+    otherend_state: int
+    driver: str
+    outcome: str
+    why: str = ""
