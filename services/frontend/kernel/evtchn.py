@@ -39,7 +39,6 @@ class UpcallScanner:
         self.per_port: collections.Counter[int] = collections.Counter()
         self.apic: collections.Counter[int] = collections.Counter()
         self.stray = 0
-        self.lost_edges = 0
 
     def _active(self, word: int) -> int:
         bits = si.pending_word(self.shared, word)
@@ -92,22 +91,6 @@ class UpcallScanner:
             l1i, l2i = (l1i + 1) % NR_WORDS, 0
         if not found:
             self.stray += 1
-
-    def sweep(self) -> Iterator[int]:
-        """Ports of mine left pending with no upcall (an edge lost to a byte-wide
-        read-modify-write race on ``evtchn_pending`` between processes: another
-        CPU's clear re-set a bit, so Xen sees it pending and never kicks again).
-        Each one found is counted in ``lost_edges`` and handed out like a scan's."""
-        for word in range(NR_WORDS):
-            active = self._active(word)
-            while active:
-                low = active & -active
-                active ^= low
-                port = word * 64 + low.bit_length() - 1
-                if si.evtchn_clear_pending(self.shared, port):
-                    self.lost_edges += 1
-                    self.per_port[port] += 1
-                    yield port
 
     def state(self) -> UpcallState:
         return UpcallState(

@@ -38,8 +38,6 @@ from shared.abi.constants import EVTCHNOP, VCPUOP
 from shared.transport import Channel
 
 CalloutFn = Callable[[int, int], None]  # (now, deadline)
-SWEEP = object()  # interrupt-context request: look for ports left pending without an upcall
-SWEEP_INTERVAL_S = 0.02
 
 
 class KernelPanic(RuntimeError):
@@ -283,23 +281,17 @@ class Kernel:
                 self.started.set()
             elif isinstance(msg, ctl.VcpuStop):
                 self.running = False
-            elif isinstance(msg, Upcall | ApicInterrupt) or msg is SWEEP:
+            elif isinstance(msg, Upcall | ApicInterrupt):
                 if self.state == "panic":
                     continue  # halted: interrupts are no longer taken
                 if self.interrupts_off and not (isinstance(msg, ApicInterrupt) and msg.nmi):
-                    if msg is SWEEP:
-                        continue
                     self.deferred.append(msg)
                     continue
                 await self.take_interrupt(msg)
 
     async def take_interrupt(self, msg: object) -> None:
         try:
-            if msg is SWEEP:
-                if self.scanner is not None:
-                    for port in self.scanner.sweep():
-                        await self.dispatch(port)
-            elif isinstance(msg, Upcall):
+            if isinstance(msg, Upcall):
                 await self._upcall(msg)
             elif isinstance(msg, ApicInterrupt):
                 await self._apic_interrupt(msg)
@@ -359,13 +351,6 @@ class Kernel:
         held, self.deferred = self.deferred, []
         for msg in held:
             await self.take_interrupt(msg)
-
-    async def sweeper(self) -> None:
-        """Every 20 ms, ask interrupt context to look for lost edges."""
-        while True:
-            await trio.sleep(SWEEP_INTERVAL_S)
-            if self.irq is not None and self.scanner is not None:
-                self.irq.send_nowait(SWEEP)
 
     # --- state -------------------------------------------------------------------------------
     def ipi_state(self) -> IpiState:

@@ -135,7 +135,6 @@ async def run(args: argparse.Namespace) -> None:
             k.nursery = nursery
             k.irq = irq_in
             nursery.start_soon(k.interrupts, irq_out)
-            nursery.start_soon(k.sweeper)
             nursery.start_soon(_take_messages, hv, irq_in)
             nursery.start_soon(_take_kicks, bell, args.domid, args.vcpu, irq_in)
             nursery.start_soon(guest.reporter)

@@ -193,8 +193,11 @@ class EventSource:
         arg = hc.EvtchnSend(self.local[port]).pack()
         await self.hv.dom0.call(EventChannelOp(EVTCHNOP.send, arg))
 
-    async def blast(self, rounds: int, gap: float = 0.0005, ports: list[int] | None = None) -> int:
-        """``rounds`` sends on every port, pipelined per port; returns sends made."""
+    async def blast(
+        self, rounds: int, gap: float = 0.0005, ports: list[int] | None = None, parallel: int = 1
+    ) -> int:
+        """``rounds`` sends on every port from each of ``parallel`` senders per
+        port (calls in flight at once); returns sends made."""
         targets = ports if ports is not None else list(self.local)
 
         async def one(port: int) -> None:
@@ -204,8 +207,9 @@ class EventSource:
 
         async with trio.open_nursery() as n:
             for port in targets:
-                n.start_soon(one, port)
-        return rounds * len(targets)
+                for _ in range(parallel):
+                    n.start_soon(one, port)
+        return rounds * len(targets) * parallel
 
 
 _APIC_ARG = struct.Struct("<I?Q")
