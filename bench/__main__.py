@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["transport", "xenstore", "hypercall", "evtchn", "timers", "ipi", "callback"]
+BENCHES = ["transport", "xenstore", "hypercall", "evtchn", "timers", "ipi", "callback", "blkback"]
 
 
 def main(argv: list[str] | None = None) -> int:

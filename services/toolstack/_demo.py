@@ -1,5 +1,7 @@
-"""``domsplit demo``: one host's services in the foreground with a live status
-table; Ctrl-C stops everything and exits 0.
+"""``domsplit demo``: one host's services in the foreground; two guests, the
+same kernel on ``xen`` and on ``xen-legacy``, run their timer and IPI
+workloads and the demo shows where their interrupts went and what exits they
+cost; then a live status table. Ctrl-C stops everything and exits 0.
 
 On a terminal the table refreshes in place every ``--interval`` seconds. With
 no terminal (CI, a pipe) each refresh prints the table again, after a line
@@ -14,7 +16,7 @@ import sys
 import trio
 from rich.live import Live
 
-from services.toolstack import _render, supervisor
+from services.toolstack import _render, _showcase, supervisor
 from services.toolstack._registry import arg, json_arg, topology_args, topology_path, verb
 from shared.topology import TopologyError, load
 
@@ -35,6 +37,7 @@ NO_TERMINAL_INTERVAL = 10.0
     default=supervisor.READY_TIMEOUT,
     help="seconds each service gets to answer Ping",
 )
+@arg("--no-guests", action="store_true", help="only the services, no demo guests")
 @json_arg
 def demo(args: argparse.Namespace) -> int:
     try:
@@ -52,6 +55,14 @@ def demo(args: argparse.Namespace) -> int:
                 f"domsplit demo: host {host.name} up, {len(sup.children)} services; "
                 "Ctrl-C stops them all"
             )
+        if not args.no_guests and {"hypervisor", "xenstore"} <= set(host.services):
+            try:
+                summaries = await _showcase.run_guests(host, None if args.json else console)
+            except Exception as exc:  # the host stays up for a look even so
+                print(f"domsplit demo: guests failed: {exc!r}", file=sys.stderr)
+            else:
+                if args.json:
+                    _render.print_json({"guests": summaries})
         if console.is_terminal and not args.json:
             with Live(console=console, auto_refresh=False) as live:  # no refresh thread
                 while not sup.down_requested.is_set():
