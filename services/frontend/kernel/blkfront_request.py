@@ -1,0 +1,134 @@
+"""Mapping a piece of a bio onto one blkif request (xen-reference 4; FreeBSD
+``xbd_bio_command``, Linux ``blkif_queue_rw_req``), sans-IO.
+
+Which operation: READ/WRITE as asked; an ordered write becomes
+``BLKIF_OP_WRITE_BARRIER`` when the backend offers barriers, else a plain WRITE
+sent *alone* (single-step: nothing else in flight before or during it); a flush
+becomes ``BLKIF_OP_FLUSH_DISKCACHE``, else ``BLKIF_OP_WRITE_BARRIER`` without
+segments, else nothing at all (the backend is write-through: Linux issues no
+flushes then). How big: data sits at page offset 0 of consecutive pages, one
+segment per page; up to 11 segments in the request itself, beyond that an
+``BLKIF_OP_INDIRECT`` up to the backend's ``feature-max-indirect-segments``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from services.frontend.kernel.blkfront_state import BackendInfo, BioKind, Part
+from shared.abi import blkif as bi
+from shared.abi.ring import PAGE_SIZE
+
+SECTOR = bi.SECTOR_SIZE
+SECTORS_PER_PAGE = bi.SECTORS_PER_PAGE
+MAX_INDIRECT_SEGMENTS = 256  #: the frontend's own cap (Linux's default is 32)
+
+
+class Plan(enum.Enum):
+    """How a part goes out."""
+
+    SEND = "send"  #: an ordinary request
+    ALONE = "alone"  #: single-step: wait until idle, send it alone, hold the queue
+    LOCAL = "local"  #: complete it here with OKAY (a flush the backend cannot take)
+    UNSUPPORTED = "unsupported"  #: complete it here with EOPNOTSUPP (discard not offered)
+
+
+def operation_for(kind: BioKind, be: BackendInfo) -> tuple[int | None, Plan]:
+    """The blkif operation for a bio kind on this backend, and how to send it."""
+    if kind == BioKind.READ:
+        return bi.BlkifOp.READ, Plan.SEND
+    if kind == BioKind.WRITE:
+        return bi.BlkifOp.WRITE, Plan.SEND
+    if kind == BioKind.WRITE_ORDERED:
+        if be.barrier:
+            return bi.BlkifOp.WRITE_BARRIER, Plan.SEND
+        return bi.BlkifOp.WRITE, Plan.ALONE
+    if kind == BioKind.FLUSH:
+        if be.flush:
+            return bi.BlkifOp.FLUSH_DISKCACHE, Plan.SEND
+        if be.barrier:
+            return bi.BlkifOp.WRITE_BARRIER, Plan.SEND
+        return None, Plan.LOCAL
+    if kind == BioKind.DISCARD:
+        return (bi.BlkifOp.DISCARD, Plan.SEND) if be.discard else (None, Plan.UNSUPPORTED)
+    raise ValueError(f"unknown bio kind {kind!r}")
+
+
+def max_segments(be: BackendInfo, op: int) -> int:
+    """Segments one request of ``op`` may carry: 11, or the indirect limit for
+    READ/WRITE when the backend offers INDIRECT (barriers are never indirect)."""
+    if op in (bi.BlkifOp.READ, bi.BlkifOp.WRITE) and be.max_indirect_segments > 0:
+        cap = min(be.max_indirect_segments, MAX_INDIRECT_SEGMENTS, bi.BLKIF_MAX_INDIRECT_SEGMENTS)
+        return max(cap, bi.BLKIF_MAX_SEGMENTS_PER_REQUEST)
+    return bi.BLKIF_MAX_SEGMENTS_PER_REQUEST
+
+
+def carries_data(kind: BioKind) -> bool:
+    return kind in (BioKind.READ, BioKind.WRITE, BioKind.WRITE_ORDERED)
+
+
+def pages_for(nsectors: int) -> int:
+    return -(-nsectors // SECTORS_PER_PAGE)
+
+
+def split(part: Part, max_pages: int) -> tuple[Part, Part | None]:
+    """The head of ``part`` that fits ``max_pages`` pages, and the rest (or None)."""
+    if not carries_data(part.kind) or pages_for(part.nsectors) <= max_pages:
+        return part, None
+    n = max_pages * SECTORS_PER_PAGE
+    head = Part(part.bio, part.kind, part.sector, n, part.offset, part.seq)
+    tail = Part(
+        part.bio, part.kind, part.sector + n, part.nsectors - n, part.offset + n * SECTOR, part.seq
+    )
+    return head, tail
+
+
+def segments(nsectors: int, refs: list[int]) -> list[bi.Segment]:
+    """One segment per page: sectors ``0..k-1`` of each, the last page partial."""
+    out = []
+    left = nsectors
+    for ref in refs:
+        n = min(SECTORS_PER_PAGE, left)
+        out.append(bi.Segment(ref, 0, n - 1))
+        left -= n
+    return out
+
+
+def indirect_pages_needed(op: int, nr_segments: int) -> int:
+    if (
+        op in (bi.BlkifOp.READ, bi.BlkifOp.WRITE)
+        and nr_segments > bi.BLKIF_MAX_SEGMENTS_PER_REQUEST
+    ):
+        return bi.indirect_pages(nr_segments)
+    return 0
+
+
+def encode(
+    op: int,
+    handle: int,
+    rid: int,
+    part: Part,
+    data_refs: list[int],
+    indirect_refs: list[int],
+) -> bytes:
+    """The ring slot for ``part`` as request ``rid`` (its indirect pages, if any,
+    are filled by the caller with :func:`indirect_contents`)."""
+    if op == bi.BlkifOp.DISCARD:
+        return bi.BlkifRequestDiscard(0, handle, rid, part.sector, part.nsectors).encode()
+    if not carries_data(part.kind):
+        return bi.BlkifRequest.of(op, handle, rid, part.sector).encode()
+    segs = segments(part.nsectors, data_refs)
+    if indirect_refs:
+        req = bi.BlkifRequestIndirect(op, len(segs), rid, part.sector, handle, tuple(indirect_refs))
+        return req.encode()
+    return bi.BlkifRequest.of(op, handle, rid, part.sector, tuple(segs)).encode()
+
+
+def indirect_contents(nsectors: int, data_refs: list[int]) -> list[bytes]:
+    """The bytes of each indirect page: packed segments, 512 per page."""
+    segs = segments(nsectors, data_refs)
+    per = bi.SEGMENTS_PER_INDIRECT_FRAME
+    return [bi.encode_indirect_page(segs[k : k + per]) for k in range(0, len(segs), per)]
+
+
+assert PAGE_SIZE == SECTORS_PER_PAGE * SECTOR

@@ -1,0 +1,458 @@
+"""blkfront's sans-IO core against a fake backend in this process.
+
+The fake backend reads the core's ring and grant table out of the same
+bytearray "guest RAM" (the real byte layouts), checks each grant the way the
+hypervisor would (grantee, type, read-only), marks grants in use while it
+holds a request (``GTF_reading``/``GTF_writing``), and answers from a disk
+bytearray. Tests steer it: hold requests, answer out of order, refuse
+flushes, send bogus ids, die.
+"""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from services.frontend.kernel.blkfront_core import BlkfrontCore, Completion
+from services.frontend.kernel.blkfront_gnttab import GrantTable, PagePool
+from services.frontend.kernel.blkfront_state import BackendInfo, BioKind
+from shared import codec
+from shared.abi import blkif as bi
+from shared.abi import grant as gt
+from shared.abi.ring import PAGE_SIZE, BackRing
+
+OP = bi.BlkifOp
+NR_PAGES = 2048
+TABLE_GFN = NR_PAGES - 8
+FULL = BackendInfo(
+    sectors=8192,
+    flush=True,
+    barrier=True,
+    discard=True,
+    persistent=False,
+    max_indirect_segments=256,
+)
+
+
+class FakeBackend:
+    """dom0's blkback, reduced to what the core must get right."""
+
+    def __init__(self, ram: bytearray, refs: list[int], order: int, disk: bytearray) -> None:
+        self.ram, self.disk = ram, disk
+        self.table = memoryview(ram)[TABLE_GFN * PAGE_SIZE :]
+        gfns = [self._gfn(r, write=True) for r in refs]
+        assert gfns == list(range(gfns[0], gfns[0] + len(gfns)))
+        buf = memoryview(ram)[gfns[0] * PAGE_SIZE : (gfns[-1] + 1) * PAGE_SIZE]
+        self.ring = bi.blkif_back_ring(buf, order)
+        self.held: list[bi.AnyRequest] = []
+        self.log: list[tuple[int, int]] = []  # (op, in flight at the backend when taken)
+        self.refuse_flush: int | None = None  # a status for FLUSH/BARRIER
+        self.grant_faults = 0
+        self.notified = 0
+
+    def _gfn(self, ref: int, write: bool) -> int:
+        e = gt.read_entry(self.table, ref)
+        if gt.grant_type(e.flags) != gt.GTF.PERMIT_ACCESS or e.domid != 0:
+            raise PermissionError(f"ref {ref} not granted to dom0")
+        if write and e.readonly:
+            raise PermissionError(f"ref {ref} is read-only")
+        return e.frame
+
+    def _pin(self, refs: list[int], set_: bool) -> None:
+        for ref in refs:
+            off = gt.grant_entry_offset(ref)
+            flags = int.from_bytes(self.table[off : off + 2], "little")
+            flags = flags | gt.GTF.READING if set_ else flags & ~(gt.GTF.READING | gt.GTF.WRITING)
+            self.table[off : off + 2] = int(flags).to_bytes(2, "little")
+
+    def take(self) -> list[bi.AnyRequest]:
+        """Take every published request and hold it (grants pinned)."""
+        got = [bi.decode_request(raw) for raw in self.ring.take_requests()]
+        for req in got:
+            self.log.append((req.operation, len(self.held)))
+            self._pin(self._refs(req), True)
+        self.held += got
+        self.ring.final_check_for_requests()
+        return got
+
+    def _refs(self, req: bi.AnyRequest) -> list[int]:
+        if isinstance(req, bi.BlkifRequestIndirect):
+            return [*self._segments(req)[1], *req.indirect_grefs]
+        if isinstance(req, bi.BlkifRequest):
+            return [s.gref for s in req.segments]
+        return []
+
+    def _segments(self, req: bi.AnyRequest) -> tuple[int, list[int], list[bi.Segment]]:
+        if isinstance(req, bi.BlkifRequestIndirect):
+            pages = [
+                bytes(self.ram[g * PAGE_SIZE : (g + 1) * PAGE_SIZE])
+                for g in (self._gfn(r, write=False) for r in req.indirect_grefs)
+            ]
+            segs = list(bi.decode_indirect_segments(pages, req.nr_segments))
+            return req.indirect_op, [s.gref for s in segs], segs
+        assert isinstance(req, bi.BlkifRequest)
+        return req.operation, [s.gref for s in req.segments], list(req.segments)
+
+    def answer(self, reqs: list[bi.AnyRequest] | None = None, status: int | None = None) -> bool:
+        """Execute and answer ``reqs`` (default: all held), in the given order;
+        True if the frontend must be notified."""
+        for req in list(self.held) if reqs is None else reqs:
+            self.held.remove(req)
+            self._pin(self._refs(req), False)
+            st = self._execute(req) if status is None else status
+            self.ring.put_response(bi.response_for(req, st).encode())
+        notify = self.ring.push_responses_and_check_notify()
+        self.notified += notify
+        return notify
+
+    def _execute(self, req: bi.AnyRequest) -> int:
+        if isinstance(req, bi.BlkifRequestDiscard):
+            s = req.sector_number * 512
+            self.disk[s : s + req.nr_sectors * 512] = bytes(req.nr_sectors * 512)
+            return bi.BlkifRsp.OKAY
+        op, _, segs = self._segments(req)
+        if op in (OP.FLUSH_DISKCACHE, OP.WRITE_BARRIER) and self.refuse_flush is not None:
+            return self.refuse_flush
+        at = req.sector_number * 512
+        try:
+            for seg in segs:
+                gfn = self._gfn(seg.gref, write=op == OP.READ)
+                n = seg.nr_sectors * 512
+                page = gfn * PAGE_SIZE + seg.page_offset
+                if op == OP.READ:
+                    self.ram[page : page + n] = self.disk[at : at + n]
+                else:
+                    self.disk[at : at + n] = self.ram[page : page + n]
+                at += n
+        except PermissionError:
+            self.grant_faults += 1
+            return bi.BlkifRsp.ERROR
+        return bi.BlkifRsp.OKAY
+
+
+@attrs.define
+class Rig:
+    core: BlkfrontCore
+    be: FakeBackend
+    ram: bytearray
+    disk: bytearray
+
+    def reconnect(self, order: int = 0, info: BackendInfo = FULL) -> None:
+        refs = self.core.setup_ring(order)
+        self.be = FakeBackend(self.ram, refs, order, self.disk)
+        self.core.connect(info)
+
+    def run(self, rounds: int = 100) -> list[Completion]:
+        """Pump, push, let the backend answer everything, until idle."""
+        out: list[Completion] = []
+        for _ in range(rounds):
+            self.core.pump()
+            self.core.push()
+            out += self.core.take_completions()
+            if not self.be.take() and not self.be.held and not self.core.pending:
+                break
+            self.be.answer()
+            self.core.take_responses()
+            out += self.core.take_completions()
+        return out
+
+
+def make(info: BackendInfo = FULL, order: int = 0, pool: int = 1024) -> Rig:
+    ram = bytearray(NR_PAGES * PAGE_SIZE)
+    table = GrantTable(memoryview(ram)[TABLE_GFN * PAGE_SIZE :], 8 * 512)
+    core = BlkfrontCore(51712, table, PagePool(range(TABLE_GFN - pool, TABLE_GFN)), ram, 0)
+    rig = Rig(core, None, ram, bytearray(info.sectors * 512))  # type: ignore[arg-type]
+    rig.reconnect(order, info)
+    return rig
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((seed * 31 + i * 7) & 0xFF for i in range(n * 512))
+
+
+def test_write_then_read_back_byte_exact() -> None:
+    rig = make()
+    data = pattern(24, 1)
+    w = rig.core.submit(BioKind.WRITE, 100, 24, data)
+    assert [(c.bio, c.status) for c in rig.run()] == [(w, 0)]
+    assert rig.disk[100 * 512 : 124 * 512] == data
+    r = rig.core.submit(BioKind.READ, 100, 24)
+    (done,) = rig.run()
+    assert (done.bio, done.status, done.data) == (r, 0, data)
+    assert rig.be.grant_faults == 0
+
+
+def test_write_grants_are_readonly_and_every_grant_is_revoked() -> None:
+    rig = make()
+    free = rig.core.grants.available
+    rig.core.submit(BioKind.WRITE, 0, 8, pattern(8, 2))
+    rig.core.pump()
+    rig.core.push()
+    (req,) = rig.be.take()
+    assert rig.core.grants.entry(req.segments[0].gref).readonly
+    rig.be.answer()
+    rig.core.take_responses()
+    assert rig.core.grants.available == free
+    assert rig.core.in_flight() == 0
+
+
+def test_batching_one_notify_for_a_batch_and_none_while_the_backend_is_busy() -> None:
+    rig = make()
+    for k in range(8):
+        rig.core.submit(BioKind.WRITE, 8 * k, 8, pattern(8, k))
+    assert rig.core.pump() == 8
+    assert rig.core.push() is True  # one kick for eight requests
+    rig.be.ring.take_requests()  # the backend is working: req_event not re-armed
+    rig.core.submit(BioKind.READ, 0, 8)
+    rig.core.pump()
+    assert rig.core.push() is False  # it will find this one in its final check
+    assert rig.core.statistics().notifies == 1
+
+
+def test_ids_stay_below_ring_size_and_a_full_ring_queues() -> None:
+    rig = make()
+    for k in range(100):
+        rig.core.submit(BioKind.WRITE, k, 1, pattern(1, k))
+    assert rig.core.pump() == 32 and len(rig.core.pending) == 68
+    rig.core.push()
+    assert all(0 <= r.id < 32 for r in rig.be.take())
+    done = rig.run()
+    done += rig.run()
+    assert sorted(c.bio for c in done) == list(range(1, 101))
+    assert all(c.status == 0 for c in done)
+    assert rig.disk[:512] == pattern(1, 0) and rig.disk[99 * 512 : 100 * 512] == pattern(1, 99)
+
+
+def test_unknown_and_duplicate_response_ids_are_rejected() -> None:
+    rig = make()
+    rig.core.submit(BioKind.READ, 0, 1)
+    rig.core.pump()
+    rig.core.push()
+    (req,) = rig.be.take()
+    ring: BackRing = rig.be.ring
+    for rid in (7, 999):  # never issued
+        ring.req_cons += 1  # a backend that makes up responses
+        ring.put_response(bi.BlkifResponse(rid, OP.READ, 0).encode())
+    rig.be.answer()
+    ring.req_cons += 1
+    ring.put_response(bi.BlkifResponse(req.id, OP.READ, 0).encode())  # twice
+    ring.push_responses()
+    rig.core.take_responses()
+    assert len(rig.core.take_completions()) == 1
+    assert rig.core.statistics().bad_responses == 3
+
+
+def test_a_response_with_the_wrong_operation_is_an_error() -> None:
+    rig = make()
+    b = rig.core.submit(BioKind.READ, 0, 1)
+    rig.core.pump()
+    rig.core.push()
+    (req,) = rig.be.take()
+    rig.be.held.clear()
+    rig.be.ring.put_response(bi.BlkifResponse(req.id, OP.WRITE, 0).encode())
+    rig.be.ring.push_responses()
+    rig.core.take_responses()
+    assert rig.core.take_completions() == [Completion(b, BioKind.READ, bi.BlkifRsp.ERROR)]
+
+
+def test_one_mib_goes_as_one_indirect_request() -> None:
+    rig = make()
+    data = pattern(2048, 3)
+    rig.core.submit(BioKind.WRITE, 0, 2048, data)
+    rig.core.pump()
+    rig.core.push()
+    (req,) = rig.be.take()
+    assert isinstance(req, bi.BlkifRequestIndirect) and req.nr_segments == 256
+    rig.be.answer()
+    rig.core.take_responses()
+    assert rig.core.take_completions()[0].status == 0
+    assert rig.disk[: 1 << 20] == data
+    rig.core.submit(BioKind.READ, 0, 2048)
+    (done,) = rig.run()
+    assert done.data == data and rig.core.statistics().indirect == 2
+
+
+def test_without_indirect_a_large_bio_is_split_into_11_segment_requests() -> None:
+    rig = make(attrs.evolve(FULL, max_indirect_segments=0))
+    data = pattern(256, 4)
+    rig.core.submit(BioKind.WRITE, 8, 256, data)  # 32 pages
+    rig.core.pump()
+    rig.core.push()
+    reqs = rig.be.take()
+    assert [r.nr_segments for r in reqs] == [11, 11, 10]
+    rig.be.answer()
+    rig.core.take_responses()
+    (done,) = rig.core.take_completions()
+    assert done.status == 0 and rig.disk[8 * 512 : 264 * 512] == data
+
+
+def test_multi_page_ring() -> None:
+    rig = make(order=2)
+    assert rig.core.ring is not None and rig.core.ring.nr_ents == 128
+    for k in range(128):
+        rig.core.submit(BioKind.WRITE, k, 1, pattern(1, k))
+    assert rig.core.pump() == 128
+    assert len(rig.run()) == 128
+
+
+def test_persistent_grants_are_writable_and_reused() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True))
+    refs = []
+    for k in range(3):
+        rig.core.submit(BioKind.WRITE, 0, 8, pattern(8, k))
+        rig.core.pump()
+        rig.core.push()
+        (req,) = rig.be.take()
+        refs.append(req.segments[0].gref)
+        assert not rig.core.grants.entry(refs[-1]).readonly
+        rig.be.answer()
+        rig.core.take_responses()
+    assert len(set(refs)) == 1 and rig.disk[:4096] == pattern(8, 2)
+
+
+@pytest.mark.parametrize(
+    ("flush", "barrier", "ops"),
+    [
+        (True, True, [OP.FLUSH_DISKCACHE]),
+        (False, True, [OP.WRITE_BARRIER]),
+        (False, False, []),  # write-through backend: nothing to send
+    ],
+)
+def test_flush_maps_onto_what_the_backend_offers(flush: bool, barrier: bool, ops: list) -> None:
+    rig = make(attrs.evolve(FULL, flush=flush, barrier=barrier))
+    b = rig.core.submit(BioKind.FLUSH, 0)
+    done = rig.run()
+    assert [(c.bio, c.status) for c in done] == [(b, 0)]
+    assert [op for op, _ in rig.be.log] == ops
+
+
+def test_ordered_write_uses_the_barrier_when_offered() -> None:
+    rig = make()
+    rig.core.submit(BioKind.WRITE, 0, 1, pattern(1, 1))
+    rig.core.submit(BioKind.WRITE_ORDERED, 1, 1, pattern(1, 2))
+    rig.core.submit(BioKind.WRITE, 2, 1, pattern(1, 3))
+    rig.core.pump()
+    assert [r.operation for r in (rig.core.push(), rig.be.take())[1]] == [
+        OP.WRITE,
+        OP.WRITE_BARRIER,
+        OP.WRITE,
+    ]
+
+
+def test_ordered_write_without_barrier_is_single_stepped() -> None:
+    """E 29: the frontend never has another request in flight alongside it."""
+    rig = make(attrs.evolve(FULL, barrier=False, flush=False))
+    rig.core.submit(BioKind.WRITE, 0, 1, pattern(1, 1))
+    rig.core.submit(BioKind.WRITE, 1, 1, pattern(1, 2))
+    o = rig.core.submit(BioKind.WRITE_ORDERED, 2, 1, pattern(1, 3))
+    rig.core.submit(BioKind.WRITE, 3, 1, pattern(1, 4))
+    assert rig.core.pump() == 2  # the ordered write waits for these
+    rig.core.push()
+    rig.be.take()
+    assert rig.core.pump() == 0
+    rig.be.answer()
+    rig.core.take_responses()
+    assert rig.core.pump() == 1  # alone
+    rig.core.push()
+    (req,) = rig.be.take()
+    assert req.operation == OP.WRITE and rig.core.in_flight() == 1
+    assert rig.core.pump() == 0  # and nothing after it until it is answered
+    rig.be.answer()
+    rig.core.take_responses()
+    assert o in [c.bio for c in rig.core.take_completions()]
+    assert rig.core.pump() == 1
+    assert rig.core.statistics().single_steps == 1
+    assert [n for op, n in rig.be.log if op == OP.WRITE][2] == 0
+
+
+@pytest.mark.parametrize("status", [bi.BlkifRsp.EOPNOTSUPP, bi.BlkifRsp.ERROR])
+def test_a_refused_empty_flush_completes_ok_and_turns_flushes_off(status: int) -> None:
+    rig = make(attrs.evolve(FULL, barrier=False))
+    rig.be.refuse_flush = status
+    b = rig.core.submit(BioKind.FLUSH, 0)
+    assert [(c.bio, c.status) for c in rig.run()] == [(b, 0)]
+    assert rig.core.backend.flush is False
+    rig.core.submit(BioKind.FLUSH, 0)
+    rig.run()
+    assert [op for op, _ in rig.be.log] == [OP.FLUSH_DISKCACHE]  # the second stayed local
+    assert rig.core.statistics().flushes_elided == 1
+
+
+def test_a_refused_barrier_write_is_written_again_single_stepped() -> None:
+    rig = make(attrs.evolve(FULL, flush=False))
+    rig.be.refuse_flush = bi.BlkifRsp.EOPNOTSUPP
+    data = pattern(1, 9)
+    b = rig.core.submit(BioKind.WRITE_ORDERED, 5, 1, data)
+    assert [(c.bio, c.status) for c in rig.run()] == [(b, 0)]
+    assert [op for op, _ in rig.be.log] == [OP.WRITE_BARRIER, OP.WRITE]
+    assert rig.disk[5 * 512 : 6 * 512] == data and rig.core.backend.barrier is False
+
+
+def test_discard_and_discard_not_offered() -> None:
+    rig = make()
+    rig.disk[:1024] = b"\xff" * 1024
+    b = rig.core.submit(BioKind.DISCARD, 0, 2)
+    assert [(c.bio, c.status) for c in rig.run()] == [(b, 0)]
+    assert rig.disk[:1024] == bytes(1024)
+    rig2 = make(attrs.evolve(FULL, discard=False))
+    b = rig2.core.submit(BioKind.DISCARD, 0, 2)
+    assert [(c.bio, c.status) for c in rig2.run()] == [(b, bi.BlkifRsp.EOPNOTSUPP)]
+
+
+def test_reconnect_reissues_every_unanswered_request_exactly_once() -> None:
+    """xen-reference 2.8: the backend dies holding requests (grants mapped);
+    the frontend abandons the ring, leaks the mapped grants, and re-issues
+    everything unanswered on a new ring; each bio completes once."""
+    rig = make()
+    bios = [rig.core.submit(BioKind.WRITE, 8 * k, 8, pattern(8, k)) for k in range(40)]
+    rig.core.pump()
+    rig.core.push()
+    taken = rig.be.take()
+    rig.be.answer(taken[:5])  # some answered ...
+    rig.core.take_responses()
+    first = rig.core.take_completions()
+    rig.be.answer(taken[5:10])  # ... some answered but never seen: the backend died
+    rig.core.disconnect()
+    assert rig.core.statistics().leaked_grants == 22  # still mapped; the ring was not
+    assert len(rig.core.pending) == 35 and rig.core.pending[0].bio == bios[5]
+    rig.reconnect(order=1)
+    rest = rig.run()
+    done = [c.bio for c in first + rest]
+    assert sorted(done) == bios and len(done) == len(set(done))
+    for k in range(40):
+        assert rig.disk[8 * k * 512 : 8 * (k + 1) * 512] == pattern(8, k)
+    assert rig.core.statistics().reissued == 27
+
+
+def test_reconnect_resplits_for_a_backend_with_smaller_limits() -> None:
+    rig = make()
+    data = pattern(1024, 5)
+    b = rig.core.submit(BioKind.WRITE, 0, 1024, data)
+    rig.core.pump()
+    rig.core.push()
+    rig.be.take()
+    rig.core.disconnect()
+    rig.reconnect(info=attrs.evolve(FULL, max_indirect_segments=0))
+    done = rig.run()
+    assert [(c.bio, c.status) for c in done] == [(b, 0)]
+    assert rig.disk[: len(data)] == data
+    assert rig.core.statistics().indirect == 1  # only on the first backend
+
+
+def test_state_round_trips_and_a_restored_core_finishes_the_work() -> None:
+    rig = make()
+    reads = rig.core.submit(BioKind.READ, 0, 8)
+    writes = [rig.core.submit(BioKind.WRITE, 8 + k, 1, pattern(1, k)) for k in range(40)]
+    rig.core.pump()
+    rig.core.push()
+    rig.be.take()
+    state = rig.core.state()
+    again = codec.decode(codec.encode(state))
+    assert again == state
+    assert len(again.shadow) == 32 and len(again.pending) == 9
+    core = BlkfrontCore.restore(again, rig.core.grants, rig.core.pool, rig.ram, 0)
+    rig.core = core
+    rig.reconnect()
+    done = rig.run()
+    assert sorted(c.bio for c in done) == sorted([reads, *writes])
+    assert core.outstanding() == 0 and core.statistics().reissued >= 32
