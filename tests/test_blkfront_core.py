@@ -308,6 +308,11 @@ def test_persistent_grants_are_writable_and_reused() -> None:
         rig.be.answer()
         rig.core.take_responses()
     assert len(set(refs)) == 1 and rig.disk[:4096] == pattern(8, 2)
+    rig.core.submit(BioKind.WRITE, 0, 2048, pattern(2048, 3))  # indirect pages too
+    rig.core.pump()
+    rig.core.push()
+    (req,) = rig.be.take()
+    assert not rig.core.grants.entry(req.indirect_grefs[0]).readonly
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,7 @@ class BlkfrontCore:
         pages = self._data_pages(npages, readonly=op != bi.BlkifOp.READ)
         if pages is None:
             return False
-        ind = self._grant_fresh(nind, readonly=True)
+        ind = self._data_pages(nind, readonly=True)  # persistent too, as Linux does
         if ind is None:
             self._release_pages(pages, persistent=self._persistent)
             return False
@@ -322,7 +322,7 @@ class BlkfrontCore:
 
     def _release(self, entry: ShadowEntry) -> None:
         self._release_pages(list(entry.pages), persistent=self._persistent)
-        self._release_pages(list(entry.indirect_pages), persistent=False)
+        self._release_pages(list(entry.indirect_pages), persistent=self._persistent)
 
     def _release_pages(self, pages: list[tuple[int, int]], persistent: bool) -> None:
         if persistent and all(p in self.persistent_all for p in pages):
