@@ -188,5 +188,10 @@ async def test_blkback_killed_and_restarted_under_load(tmp_path: Path) -> None:
         bf = res["blkfront"]
         assert bf["connects"] >= 2, bf
         assert bf["bad_responses"] == 0
+        # exactly once: every ring request answered once, except those re-issued
+        # after the kill; every bio the workload submitted completed once
+        assert bf["responses"] + bf["reissued"] == bf["requests"]
+        read_back = res["verify"]["verified_after_sectors"] // 8
+        assert bf["bios_done"] == res["ops"] + res["flushes"] + read_back
         assert _dmesg(rep, "reconnecting (Initialising)")
         _check_image(img, res, before)
