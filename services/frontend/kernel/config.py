@@ -52,7 +52,7 @@ from typing import Any
 import attrs
 
 WORKLOAD_KINDS = frozenset(
-    {"callouts", "timer_rate", "ipi_pingpong", "ipi_broadcast", "busy", "idle"}
+    {"callouts", "timer_rate", "ipi_pingpong", "ipi_broadcast", "busy", "idle", "block"}
 )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -49,6 +49,8 @@ class Kernel:
         self, hv: Channel, cfg: KernelConfig, domid: int, cpu: int, mem: KernelMemory
     ) -> None:
         self.hv = hv
+        #: port -> interrupt handler of the driver that bound it (blkfront...)
+        self.port_handlers: dict[int, Callable[[int], Awaitable[None]]] = {}
         self.cfg = cfg
         self.domid = domid
         self.cpu = cpu
@@ -314,6 +316,9 @@ class Kernel:
             await self.et_event()
         elif port in self.my_ipi_ports:
             await self.ipi_handler(self.my_ipi_ports[port])
+        elif (handler := self.port_handlers.get(port)) is not None:  # a driver's port
+            self.device_events[port] += 1
+            await handler(port)
         elif self.mem.port_cpus(port):
             self.device_events[port] += 1
             _spin_us(self.cfg.device_work_us)

@@ -52,6 +52,10 @@ async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
         return await broadcast(k, spec)
     if kind == "busy" and k.cpu in _cpus(spec, k):
         return await busy(k, float(spec.get("seconds", 1.0)))
+    if kind == "block":
+        from services.frontend.kernel import blkwork
+
+        return await blkwork.run(k, spec)
     if kind == "idle":
         await trio.sleep(float(spec.get("seconds", 1.0)))
         return {"idle_s": spec.get("seconds", 1.0)}

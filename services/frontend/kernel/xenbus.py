@@ -35,6 +35,7 @@ DEVICE_SUSPEND_TIMEOUT_S = 30.0  # FreeBSD blkfront gives a drain 30 s
 
 #: devtype -> driver class, or "module:attr" imported on first use
 DRIVERS: dict[str, type[FrontendDriver] | str] = {
+    "vbd": "services.frontend.kernel.blkfront:Blkfront",
     "stub": "services.frontend.kernel.xbstub:StubFront",  # short names for configs
 }
 
