@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from services.backend.blkback_ring import IndexSafeSRing
 from services.hypervisor import control as ctl
 from services.hypervisor.effects import Upcall
 from services.hypervisor.messages import EventChannelOp, HvmOp, MemoryOp
@@ -178,7 +179,12 @@ class BlkFrontend:
             self.ring_pages.append((gfn, ref))
         gfns = [g for g, _ in self.ring_pages]
         buf = self._ring_buffer(gfns)
-        self.ring = bi.blkif_front_ring(buf, order)
+        # Index stores that a concurrent reader never sees half-done (see
+        # services.backend.blkback_ring.IndexSafeSRing).
+        sring = IndexSafeSRing(buf, bi.BLKIF_RING_ENTRY_SIZE, PAGE_SIZE << order)
+        self._views.append(sring._idx)
+        sring.init()
+        self.ring = FrontRing(sring)
         unbound = await self.evtchn(EVTCHNOP.alloc_unbound, hc.EvtchnAllocUnbound(DOMID.SELF, 0))
         self.port = unbound.port
         self.persistent = persistent

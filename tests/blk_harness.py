@@ -4,7 +4,8 @@ vbd directories, as ``xl block-attach`` would) and the guest (see
 :mod:`tests.blk_frontend`).
 
 Every process is started here and killed here by PID; ``kill_blkback`` is
-``kill -9`` and ``start_blkback`` brings a fresh one up.
+``kill -9`` and ``start_blkback`` brings a fresh one up. With ``BLK_PROFILE``
+set to a directory each process runs under cProfile (see ``bench/block.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from shared.hostsecret import host_secret
 from shared.transport import Channel, open_channel
 
 SERVICES = ("hypervisor", "xenstore", "blkback")
+# A directory: every process is started under cProfile and writes
+# ``<dir>/<service>.prof`` when it stops (SIGTERM exits cleanly).
+PROFILE_ENV = "BLK_PROFILE"
 
 
 def vbd_paths(domid: int, devid: int, backend: int = 0) -> tuple[str, str]:
@@ -64,8 +68,10 @@ class BlkHost:
             service, "services.backend.blkback"
         )
         log = open(self.base / f"{service}.log", "ab")  # noqa: SIM115
+        profile = os.environ.get(PROFILE_ENV)
+        prefix = ["-m", "cProfile", "-o", f"{profile}/{service}.prof"] if profile else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--topology", str(self.topology)],
+            [sys.executable, *prefix, "-m", module, "--topology", str(self.topology)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

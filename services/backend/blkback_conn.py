@@ -2,13 +2,22 @@
 
 The intake task copies requests off the ring (``RING_COPY_REQUEST``), admits
 or refuses each (:mod:`blkback_request`), queues the admitted ones
-(:mod:`blkback_order`) and starts whatever the queue allows as a *round*: one
-task that maps every grant of its requests in one hypercall (a second one for
-the data pages behind indirect descriptors), runs each request's I/O on the
-image, unmaps, and only then writes the responses, pushes them and notifies the
-frontend if ``rsp_event`` asks for it. Rounds run concurrently; the queue keeps
-barriers and flushes in order. A bad request costs an error response and a
-counter, never the ring.
+(:mod:`blkback_order`) and starts whatever the queue allows.
+
+A READ or WRITE whose grants are all persistently mapped already (the steady
+state with ``feature-persistent``) and whose data fits :data:`INLINE_LIMIT`
+runs right there, on the intake task: no hypercall, no task, no thread, its
+I/O one ``preadv``/``pwritev`` over the guest's pages with adjacent frames
+merged into one iovec entry. The responses of everything one intake ran are
+pushed together, with at most one notification.
+
+Anything else goes into a *round*: one task that maps every grant of its
+requests in one hypercall (a second one for the data pages behind indirect
+descriptors), runs each request's I/O on the image (flushes and discards on a
+worker thread), unmaps, and only then writes the responses, pushes them and
+notifies the frontend if ``rsp_event`` asks for it. Rounds run concurrently;
+the queue keeps barriers and flushes in order. A bad request costs an error
+response and a counter, never the ring.
 """
 
 from __future__ import annotations
@@ -20,23 +29,23 @@ import attrs
 import trio
 
 from services.backend.blkback_grants import Dom0Hypervisor, GrantCache, GrantError, Mapping
-from services.backend.blkback_image import DiskImage, run_blocking
-from services.backend.blkback_order import ExecEvent, ExecutionLog, OrderingQueue
+from services.backend.blkback_image import INLINE_LIMIT, DiskImage, run_blocking
+from services.backend.blkback_order import ExecutionLog, OrderingQueue
 from services.backend.blkback_request import (
     Admitted,
     DeviceLimits,
     IoPlan,
     Kind,
-    admit,
+    admit_and_plan,
+    indirect_columns,
     plan,
-    plan_with_segments,
 )
 from shared.abi.blkif import (
+    RESPONSE,
     SECTOR_SIZE,
     BlkifProtocolError,
     BlkifRequestIndirect,
     BlkifRsp,
-    decode_indirect_segments,
     decode_request,
     response_for,
 )
@@ -46,13 +55,21 @@ from shared.guestmem import PAGE_SIZE, GuestMemory, GuestMemoryError
 STOP_TIMEOUT = 10.0
 
 
+_RESPONSE = RESPONSE.struct
+_OP_COUNTER = {k: f"op:{k.value}" for k in Kind}
+_DATA_KINDS = (Kind.READ, Kind.WRITE)
+
+
 @attrs.define(eq=False)
 class _Job:
     seq: int
     admitted: Admitted
+    plan: IoPlan | None  #: None for INDIRECT until its pages are read
+    limits: DeviceLimits  #: what ``plan`` was checked against
+    rsp_op: int  #: ``operation`` of the response (``indirect_op`` for INDIRECT)
     status: int = BlkifRsp.OKAY
-    plan: IoPlan | None = None
-    maps: list[Mapping] = attrs.Factory(list)
+    maps: list[Mapping] = attrs.Factory(list)  #: mapped this round (slow path)
+    gfns: list[int] = attrs.Factory(list)  #: frame of each data segment, in order
 
 
 class Blkif:
@@ -87,6 +104,7 @@ class Blkif:
         self._rounds = 0
         self._idle = trio.Event()
         self._closing = False
+        self._unpushed = False  # responses written since the last push
         self.broken = False
         self._cancel = trio.CancelScope()
 
@@ -107,6 +125,8 @@ class Blkif:
                     self._kick = trio.Event()
                     if not self._closing and not self.broken:
                         self._intake()
+                    if self._unpushed:
+                        await self._push()
 
     async def stop(self) -> None:
         """Take no new request, let rounds in flight finish, then stop."""
@@ -138,15 +158,17 @@ class Blkif:
     def _accept(self, slot: bytes) -> None:
         self.counters["requests"] += 1
         try:
-            admitted = admit(slot, self.limits)
+            admitted, io = admit_and_plan(slot, self.limits)
         except BlkifProtocolError as exc:
             req = decode_request(slot)
             self._refused(str(exc), exc.status)
             self.ring.put_response(response_for(req, exc.status).encode())
-            self._nursery.start_soon(self._push)
+            self._unpushed = True
             return
+        req = admitted.request
+        rsp_op = req.indirect_op if isinstance(req, BlkifRequestIndirect) else req.operation
         seq = self.queue.submit(admitted.kind)
-        self._jobs[seq] = _Job(seq, admitted)
+        self._jobs[seq] = _Job(seq, admitted, io, self.limits, rsp_op)
 
     def _refused(self, why: str, status: int) -> None:
         self.counters["errors"] += 1
@@ -154,35 +176,78 @@ class Blkif:
         self.counters[f"refused:{BlkifRsp(status).name.lower()}:{reason}"] += 1
 
     def _dispatch(self) -> None:
-        seqs = self.queue.startable()
-        if seqs:
-            self._rounds += 1
-            self._nursery.start_soon(self._round, [self._jobs.pop(s) for s in seqs])
+        """Start what the queue allows: inline what can be, the rest as a round."""
+        while seqs := self.queue.startable():
+            jobs = [self._jobs.pop(s) for s in seqs]
+            slow = [job for job in jobs if not self._run_inline(job)]
+            if slow:
+                self._rounds += 1
+                self._nursery.start_soon(self._round, slow)
+            if len(slow) == len(jobs):
+                return  # nothing completed, so nothing new can start
+
+    def _run_inline(self, job: _Job) -> bool:
+        """Run ``job`` to its response now if it needs no hypercall and no thread."""
+        adm = job.admitted
+        if adm.kind not in _DATA_KINDS:
+            return False
+        grants = self.grants
+        if adm.indirect_grefs and job.plan is None:
+            pages = grants.lookup(adm.indirect_grefs)
+            if pages is None:
+                return False
+            self._read_indirect(job, pages)
+        if job.status == BlkifRsp.OKAY:
+            io = job.plan
+            assert io is not None
+            if io.nbytes > INLINE_LIMIT:
+                return False
+            gfns = grants.lookup(io.segments.grefs)
+            if gfns is None:
+                return False
+            job.gfns = gfns
+            self._execute_inline(job)
+        self._respond(job)
+        return True
+
+    def _respond(self, job: _Job) -> None:
+        self.queue.complete(job.seq)
+        self.ring.put_response(_RESPONSE.pack(job.admitted.request.id, job.rsp_op, job.status))
+        self.counters["responses"] += 1
+        self._unpushed = True
 
     # --- a round -------------------------------------------------------------------------
 
     async def _round(self, jobs: list[_Job]) -> None:
         temporary: list[Mapping] = []
         try:
-            direct = [j for j in jobs if not j.admitted.indirect_grefs]
-            indirect = [j for j in jobs if j.admitted.indirect_grefs]
-            await self._map(direct, temporary, lambda j: _segment_refs(j.admitted))
+            indirect = [j for j in jobs if j.admitted.indirect_grefs and j.plan is None]
             await self._map(
                 indirect, temporary, lambda j: [(g, True) for g in j.admitted.indirect_grefs]
             )
             for job in indirect:
-                self._read_indirect(job)
-            await self._map(indirect, temporary, lambda j: _segment_refs(j.admitted, j.plan))
-            async with trio.open_nursery() as nursery:  # requests of a round overlap
-                for job in jobs:
-                    nursery.start_soon(self._execute, job)
+                if job.status == BlkifRsp.OKAY:
+                    self._read_indirect(job, [m.gfn for m in job.maps])
+            await self._map(jobs, temporary, _segment_refs)
+            threaded = []
+            for job in jobs:
+                if job.status != BlkifRsp.OKAY:
+                    continue
+                job.gfns = [m.gfn for m in job.maps]
+                io = job.plan
+                if io is not None and io.kind in _DATA_KINDS and io.nbytes <= INLINE_LIMIT:
+                    self._execute_inline(job)
+                else:
+                    threaded.append(job)
+            if threaded:
+                async with trio.open_nursery() as nursery:  # requests of a round overlap
+                    for job in threaded:
+                        nursery.start_soon(self._execute, job)
         finally:
             with trio.CancelScope(shield=True):
                 await self.grants.release(temporary)
                 for job in jobs:
-                    self.queue.complete(job.seq)
-                    self.ring.put_response(response_for(job.admitted.request, job.status).encode())
-                    self.counters["responses"] += 1
+                    self._respond(job)
                 await self._push()
                 self._rounds -= 1
                 self._idle.set()
@@ -210,48 +275,97 @@ class Blkif:
             else:
                 job.maps = got  # type: ignore[assignment]
 
-    def _read_indirect(self, job: _Job) -> None:
-        if job.status != BlkifRsp.OKAY:
-            return
+    def _read_indirect(self, job: _Job, gfns: list[int]) -> None:
+        """Plan an INDIRECT request from its segment pages (frames ``gfns``)."""
         req = job.admitted.request
         assert isinstance(req, BlkifRequestIndirect)
         try:
-            pages = [self.memory.read(m.gfn) for m in job.maps]
-            segments = decode_indirect_segments(pages, req.nr_segments)
-            job.plan = plan_with_segments(job.admitted, segments, self.limits)
+            raw = b"".join([self.memory.read(g) for g in gfns])
+            job.plan = plan(job.admitted, self.limits, indirect_columns(raw, req.nr_segments))
+            job.limits = self.limits
         except (BlkifProtocolError, GuestMemoryError) as exc:
             job.status = getattr(exc, "status", BlkifRsp.ERROR)
             self._refused(f"indirect: {exc}", job.status)
 
-    async def _execute(self, job: _Job) -> None:
-        if job.status != BlkifRsp.OKAY:
-            return
+    def _current_plan(self, job: _Job) -> IoPlan | None:
+        """The job's plan against the medium in the drive now (it may have changed)."""
         try:
-            io = job.plan or plan(job.admitted, self.limits)  # the medium may have changed
+            if job.limits is not self.limits or job.plan is None:
+                job.plan = plan(job.admitted, self.limits, job.plan and job.plan.segments)
+                job.limits = self.limits
         except BlkifProtocolError as exc:
             job.status = exc.status
             self._refused(str(exc), exc.status)
-            return
-        image = self.image
-        if image is None and (io.segments or io.kind in (Kind.DISCARD,)):
+            return None
+        io = job.plan
+        if self.image is None and (io.nbytes or io.kind is Kind.DISCARD):
             job.status = BlkifRsp.ERROR
             self._refused("medium: none", BlkifRsp.ERROR)
+            return None
+        return io
+
+    def _buffers(self, io: IoPlan, gfns: list[int]) -> list[memoryview]:
+        """The iovec of ``io``: its segments' bytes in the guest's pages, with
+        segments that touch in guest memory merged into one entry."""
+        if not gfns:
+            return []
+        if min(gfns) < 0 or max(gfns) >= self.memory.nr_pages:
+            raise GuestMemoryError(f"a frame of {gfns} is outside guest memory")
+        view = self.memory.view
+        cols = io.segments
+        g0, n = gfns[0], len(gfns)
+        if cols.whole_pages and gfns[-1] - g0 == n - 1 and gfns == list(range(g0, g0 + n)):
+            return [view[g0 * PAGE_SIZE : (g0 + n) * PAGE_SIZE]]
+        bufs: list[memoryview] = []
+        start = end = -1
+        for gfn, first, last in zip(gfns, cols.firsts, cols.lasts, strict=True):
+            a = gfn * PAGE_SIZE + first * SECTOR_SIZE
+            if a != end:
+                if end >= 0:
+                    bufs.append(view[start:end])
+                start = a
+            end = gfn * PAGE_SIZE + (last + 1) * SECTOR_SIZE
+        bufs.append(view[start:end])
+        return bufs
+
+    def _execute_inline(self, job: _Job) -> None:
+        """A READ or WRITE of at most INLINE_LIMIT bytes, on this thread."""
+        io = self._current_plan(job)
+        if io is None:
             return
+        image = self.image
+        assert image is not None or not io.nbytes
         bufs: list[memoryview] = []
         try:
-            for seg, m in zip(io.segments, job.maps, strict=True):
-                self.memory.check_gfn(m.gfn)
-                base = m.gfn * PAGE_SIZE
-                bufs.append(
-                    self.memory.view[
-                        base + seg.first_sect * SECTOR_SIZE : base
-                        + (seg.last_sect + 1) * SECTOR_SIZE
-                    ]
-                )
+            bufs = self._buffers(io, job.gfns)
+            self._record(job, "start", io)
+            if image is not None and bufs:
+                if io.kind is Kind.READ:
+                    image.readv(io.offset, bufs)
+                else:
+                    image.writev(io.offset, bufs)
+            self._record(job, "done", io)
+            self.counters[_OP_COUNTER[io.kind]] += 1
+            self.counters["bytes"] += io.nbytes
+        except (OSError, GuestMemoryError) as exc:
+            job.status = BlkifRsp.ERROR
+            self._refused(f"io: {exc}", BlkifRsp.ERROR)
+        finally:
+            for b in bufs:
+                b.release()
+
+    async def _execute(self, job: _Job) -> None:
+        io = self._current_plan(job)
+        if io is None:
+            return
+        image = self.image
+        bufs: list[memoryview] = []
+        try:
+            bufs = self._buffers(io, job.gfns)
             self._record(job, "start", io)
             await self._do_io(image, io, bufs)
             self._record(job, "done", io)
-            self.counters[f"op:{io.kind.value}"] += 1
+            self.counters[_OP_COUNTER[io.kind]] += 1
             self.counters["bytes"] += io.nbytes
         except (OSError, GuestMemoryError) as exc:
             job.status = BlkifRsp.ERROR
@@ -274,20 +388,26 @@ class Blkif:
                 await run_blocking(image.flush)
 
     def _record(self, job: _Job, event: str, io: IoPlan) -> None:
-        nr = (io.nbytes or io.discard_bytes) // SECTOR_SIZE
-        sector = io.offset // SECTOR_SIZE
-        self.log.record(
-            ExecEvent(self.conn_id, job.seq, job.admitted.id, io.kind.value, event, sector, nr)
+        self.log.record_fields(
+            self.conn_id,
+            job.seq,
+            job.admitted.request.id,
+            io.kind.value,
+            event,
+            io.offset // SECTOR_SIZE,
+            (io.nbytes or io.discard_bytes) // SECTOR_SIZE,
         )
 
     async def _push(self) -> None:
+        self._unpushed = False
         if self.ring.push_responses_and_check_notify():
             self.counters["notifications"] += 1
             await self.hv.notify(self.port)
 
 
-def _segment_refs(admitted: Admitted, io: IoPlan | None = None) -> list[tuple[int, bool]]:
+def _segment_refs(job: _Job) -> list[tuple[int, bool]]:
     """Grants of the data pages: READ fills them (writable map), others read them."""
-    segments = io.segments if io is not None else admitted.segments
-    readonly = not admitted.writes_guest_pages
-    return [(s.gref, readonly) for s in segments]
+    if job.plan is None:
+        return []
+    readonly = not job.admitted.writes_guest_pages
+    return [(g, readonly) for g in job.plan.segments.grefs]

@@ -18,7 +18,7 @@ from services.backend.blkback_grants import GrantCache, GrantError, Mapping
 from services.backend.blkback_image import DiskFacts, DiskImage, MediaError, no_media_facts
 from services.backend.blkback_order import ExecutionLog
 from services.backend.blkback_request import DeviceLimits
-from services.backend.blkback_ring import RingPages, map_ring_pages
+from services.backend.blkback_ring import IndexSafeSRing, RingPages, back_ring, map_ring_pages
 from services.backend.blkback_xenbus import (
     MAX_INDIRECT_SEGMENTS,
     MAX_RING_PAGE_ORDER,
@@ -26,7 +26,7 @@ from services.backend.blkback_xenbus import (
     VbdConfig,
 )
 from services.xenstore.client import XsClient, XsClientError
-from shared.abi.blkif import blkif_back_ring
+from shared.abi.blkif import BLKIF_RING_ENTRY_SIZE
 from shared.guestmem import GuestMemory, ram_path
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class Vbd:
         self.connections = 0
         self._ring_maps: list[Mapping] = []
         self._pages: RingPages | None = None
+        self._sring: IndexSafeSRing | None = None
         self._grants: GrantCache | None = None
         self._port: int | None = None
 
@@ -153,7 +154,7 @@ class Vbd:
         if bad:
             raise ConnectError(f"ring grant: {bad[0]}")
         self._pages = map_ring_pages(self.memory, [m.gfn for m in self._ring_maps])
-        ring = blkif_back_ring(self._pages.view, order)
+        ring, self._sring = back_ring(self._pages.view, BLKIF_RING_ENTRY_SIZE, order)
         self._port = await hv.bind_interdomain(domid, port)
         self._grants = GrantCache(hv, domid, persistent)
         self.connections += 1
@@ -184,6 +185,9 @@ class Vbd:
         if self._grants is not None:
             await self._grants.release_all()
             self._grants = None
+        if self._sring is not None:
+            self._sring.release()
+            self._sring = None
         if self._pages is not None:
             self._pages.close()
             self._pages = None

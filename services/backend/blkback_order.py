@@ -102,20 +102,33 @@ class ExecEvent:
 
 
 class ExecutionLog:
-    """The last ``limit`` execution events of a device."""
+    """The last ``limit`` execution events of a device. The hot path records
+    plain field tuples (two per request); :meth:`take` builds the records."""
 
     def __init__(self, limit: int = LOG_LIMIT) -> None:
-        self.events: collections.deque[ExecEvent] = collections.deque(maxlen=limit)
+        self._events: collections.deque[tuple] = collections.deque(maxlen=limit)
         self.recorded = 0
 
     def record(self, event: ExecEvent) -> None:
-        self.events.append(event)
+        self.record_fields(
+            event.conn, event.seq, event.id, event.op, event.event, event.sector, event.nr_sectors
+        )
+
+    def record_fields(
+        self, conn: int, seq: int, id: int, op: str, event: str, sector: int, nr_sectors: int
+    ) -> None:
+        """:meth:`record` without building the record."""
+        self._events.append((conn, seq, id, op, event, sector, nr_sectors))
         self.recorded += 1
+
+    @property
+    def events(self) -> list[ExecEvent]:
+        return [ExecEvent(*e) for e in self._events]
 
     def take(self, clear: bool = False) -> tuple[ExecEvent, ...]:
         out = tuple(self.events)
         if clear:
-            self.events.clear()
+            self._events.clear()
         return out
 
 
