@@ -54,6 +54,12 @@ async def test_demo_boots_two_guests_and_compares_them() -> None:
             assert not {"eoi", "icr_write", "lapic_timer_write"} & pv_exits
             assert {"eoi", "icr_write", "lapic_timer_write"} <= legacy_exits
             assert not any(r.startswith("hypercall:event_channel_op") for r in legacy_exits)
+            # the PVHVM guest's disk ran the verifying workload; its CD-ROM was declined
+            block = pv["block"]
+            assert block["ops"] > 0 and block["io_errors"] == 0, block
+            assert block["verify"]["errors"] == 0 and block["verify"]["sectors"] > 0
+            drives = {d["vdev"]: d for d in pv["disks"]}
+            assert drives["xvda"]["fe_state"] == "4" and drives["hdc"]["fe_state"] != "4"
             proc.send_signal(signal.SIGINT)
             assert proc.wait(30) == 0
         finally:

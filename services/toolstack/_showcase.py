@@ -7,18 +7,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from rich.console import Console
 from rich.table import Table
 
 from services.hypervisor import control as ctl
 from services.toolstack._domains import create_domain, dom0, reports
+from services.toolstack.domcfg import DomainConfig
 from services.toolstack.domcfg import load as load_config
+from services.toolstack.vbd import list_vbds
 from shared.topology import Host
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 GUESTS = (DEPLOY / "guest-pvhvm.cfg", DEPLOY / "guest-legacy.cfg")
 WORKLOAD_TIMEOUT = 60.0
+
+
+DISK_MIB = 64
+BLOCK_WORKLOAD = "block:vdev=xvda,pattern=random,op=mixed,bs=4096,qd=8,count=2000,flush_every=32"
+
+
+def with_disks(cfg: DomainConfig, host: Host) -> DomainConfig:
+    """The PVHVM guest gets a sparse disk (xvda) running the verifying block
+    workload, and a CD-ROM drive (hdc) with an ISO in it."""
+    images = host.rundir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    disk, iso = images / f"{cfg.name}-xvda.img", images / "demo.iso"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_MIB << 20)
+    iso.write_bytes(bytes(range(256)) * 4096)
+    return attrs.evolve(
+        cfg,
+        disk=(f"target={disk}, vdev=xvda, access=rw", f"{iso}, hdc, r, cdrom"),
+        workloads=(BLOCK_WORKLOAD, *cfg.workloads),
+    )
 
 
 async def run_guests(host: Host, console: Console | None) -> list[dict[str, Any]]:
@@ -29,6 +52,8 @@ async def run_guests(host: Host, console: Console | None) -> list[dict[str, Any]
         domids = []
         for path in GUESTS:
             cfg = load_config(path)
+            if cfg.platform == "xen" and "blkback" in host.services:
+                cfg = with_disks(cfg, host)
             domids.append((cfg, await create_domain(d, cfg)))
             if console is not None:
                 console.print(
@@ -40,10 +65,15 @@ async def run_guests(host: Host, console: Console | None) -> list[dict[str, Any]
         for cfg, domid in domids:
             detail = await d.hv.call(ctl.DomainDetailRequest(domid))
             summary = summarise(cfg.name, cfg.platform, detail, reports(host, domid))
+            if cfg.disk and d.xs is not None:
+                summary["disks"] = await list_vbds(d.xs, domid)
+                summary["block"] = block_result(reports(host, domid))
             summaries.append(summary)
             if console is not None:
                 console.print(interrupt_table(summary))
                 console.print(exit_table(summary))
+                if "disks" in summary:
+                    console.print(disk_table(summary))
     return summaries
 
 
@@ -71,6 +101,44 @@ def summarise(name: str, platform: str, detail: ctl.DomainDetail, guest: dict) -
         )
     mode = next((r.get("platform", {}).get("mode") for r in guest.values() if r), None)
     return {"name": name, "platform": platform, "mode": mode, "vcpus": vcpus}
+
+
+def block_result(guest: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """The verifying block workload's result (it runs on vCPU0)."""
+    for result in guest.get(0, {}).get("workloads", {}).values():
+        if isinstance(result, dict) and "vdev" in result:
+            return result
+    return None
+
+
+def disk_table(s: dict[str, Any]) -> Table:
+    t = Table(title=f"{s['name']}: disks")
+    for c in ("vdev", "type", "backend", "frontend", "result"):
+        t.add_column(c)
+    states = {"1": "Initialising", "2": "InitWait", "3": "Initialised", "4": "Connected"}
+    states |= {"5": "Closing", "6": "Closed"}
+    block = s.get("block") or {}
+    for d in s["disks"]:
+        if d["devtype"] == "cdrom":
+            result = "declined by the PV frontend (HVM guests use the emulated CD); boot not held"
+        elif block.get("vdev") == d["vdev"]:
+            verify = block.get("verify", {})
+            outcomes = ", ".join(f"{n} {o}" for o, n in verify.get("outcomes", {}).items())
+            result = (
+                f"{block.get('ops', 0)} ops ({block.get('iops', 0):.0f} IOPS, "
+                f"{block.get('mb_s', 0):.1f} MB/s), {block.get('io_errors', 0)} I/O errors; "
+                f"verified {verify.get('sectors', 0)} sectors: {outcomes}"
+            )
+        else:
+            result = ""
+        t.add_row(
+            d["vdev"],
+            d["devtype"],
+            states.get(d["be_state"], d["be_state"]),
+            states.get(d["fe_state"], d["fe_state"]),
+            result,
+        )
+    return t
 
 
 def interrupt_table(s: dict[str, Any]) -> Table:
