@@ -85,6 +85,11 @@ class BlkFrontend:
         self.pool: list[tuple[int, int]] = []  # persistent (gfn, ref), granted writable
         self.notifies = 0
         self.upcalls = 0
+        # Opt-in for streaming users (bench/block.py): every completed request
+        # is appended here, and ``progress`` is set (then replaced) after each
+        # batch of responses.
+        self.completions: collections.deque[InFlight] | None = None
+        self.progress = trio.Event()
         self.media_changes = 0
         self._views: list[memoryview] = []
 
@@ -107,6 +112,18 @@ class BlkFrontend:
             arg = hc.XenAddToPhysmap(DOMID.SELF, XENMAPSPACE.grant_table, k, GRANT_GFN0 + k).pack()
             assert (await self.call(MemoryOp(XENMEM.add_to_physmap, arg))).value == 0
         await self.xs.watch(f"{self.be}/state", "be")
+
+    def grant_buffer(self, npages: int) -> list[tuple[int, int]]:
+        """``npages`` pages at consecutive frames, granted writable to dom0 (a
+        persistent-grant I/O buffer); (gfn, ref) of each, in frame order."""
+        gfns = [self.free_gfns.pop() for _ in range(npages)]
+        assert gfns == list(range(gfns[0], gfns[0] + npages)), "free frames are not consecutive"
+        pages = []
+        for gfn in gfns:
+            ref = self.free_refs.pop()
+            gt.write_grant(self.table, ref, 0, gfn, False)
+            pages.append((gfn, ref))
+        return pages
 
     def grant_page(self, readonly: bool = False) -> tuple[int, int]:
         gfn, ref = self.free_gfns.pop(), self.free_refs.pop()
@@ -326,7 +343,11 @@ class BlkFrontend:
                 entry.response = rsp
                 entry.acked = next(self.clock)
                 entry.done.set()
+                if self.completions is not None:
+                    self.completions.append(entry)
             if not ring.final_check_for_responses():
+                self.progress.set()
+                self.progress = trio.Event()
                 return
 
     def put_requests(self, slots: list[bytes]) -> list[InFlight]:
