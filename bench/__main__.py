@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-BENCHES = ["transport", "xenstore", "hypercall", "evtchn", "timers", "ipi", "callback", "blkback"]
+BENCHES = ["transport", "xenstore", "hypercall", "evtchn", "timers", "ipi", "callback", "block"]
 
 
 def main(argv: list[str] | None = None) -> int:

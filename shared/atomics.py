@@ -58,3 +58,17 @@ def exchange_u64(buf: bytearray | memoryview, offset: int, value: int) -> int:
     if offset % 8:
         raise ValueError("a 64-bit exchange needs an 8-byte aligned offset")
     return _xchg64(_address(buf, offset), value, SEQ_CST)
+
+
+def load_u32(buf: bytearray | memoryview, offset: int) -> int:
+    """One aligned 32-bit load (``struct.unpack_from`` reads byte by byte, so a
+    concurrent store can be seen half done)."""
+    with memoryview(buf) as view:
+        return view[offset : offset + 4].cast("I")[0]
+
+
+def store_u32(buf: bytearray | memoryview, offset: int, value: int) -> None:
+    """One aligned 32-bit store (``struct.pack_into`` zero-fills its target
+    first: another process could read 0 meanwhile, seen as a ring index)."""
+    with memoryview(buf) as view:
+        view[offset : offset + 4].cast("I")[0] = value

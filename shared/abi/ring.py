@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import mmap
 import operator
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Self, TypeAlias
 
 import attrs
 
+from shared import atomics
 from shared.abi._layout import Layout, layout
 
 PAGE_SIZE = 4096
@@ -41,7 +41,6 @@ RSP_EVENT = 12
 
 # '<I' on a little-endian host packs and unpacks with one aligned 4-byte
 # memcpy, so the other process never sees a torn index.
-_U32 = struct.Struct("<I")
 _PADS_ZERO = bytes(SRING_HEADER_SIZE - 16)
 
 # A locked instruction is a full fence on x86; acquiring and releasing a lock
@@ -119,6 +118,9 @@ class WireRecord:
 class SRing:
     """The shared part of a ring: indices and slots, read from the buffer each time.
 
+    Each index is loaded and stored as one aligned 32-bit access: the other end
+    is another process reading and writing the same page concurrently.
+
     ``buf`` is a writable buffer (``mmap``, ``bytearray``, ``memoryview``) whose
     first ``nbytes`` bytes (default: all of it) are the ring pages.
     """
@@ -143,35 +145,35 @@ class SRing:
 
     @property
     def req_prod(self) -> int:
-        return _U32.unpack_from(self.buf, REQ_PROD)[0]
+        return atomics.load_u32(self.buf, REQ_PROD)
 
     @req_prod.setter
     def req_prod(self, value: int) -> None:
-        _U32.pack_into(self.buf, REQ_PROD, value & RING_IDX_MASK)
+        atomics.store_u32(self.buf, REQ_PROD, value & RING_IDX_MASK)
 
     @property
     def req_event(self) -> int:
-        return _U32.unpack_from(self.buf, REQ_EVENT)[0]
+        return atomics.load_u32(self.buf, REQ_EVENT)
 
     @req_event.setter
     def req_event(self, value: int) -> None:
-        _U32.pack_into(self.buf, REQ_EVENT, value & RING_IDX_MASK)
+        atomics.store_u32(self.buf, REQ_EVENT, value & RING_IDX_MASK)
 
     @property
     def rsp_prod(self) -> int:
-        return _U32.unpack_from(self.buf, RSP_PROD)[0]
+        return atomics.load_u32(self.buf, RSP_PROD)
 
     @rsp_prod.setter
     def rsp_prod(self, value: int) -> None:
-        _U32.pack_into(self.buf, RSP_PROD, value & RING_IDX_MASK)
+        atomics.store_u32(self.buf, RSP_PROD, value & RING_IDX_MASK)
 
     @property
     def rsp_event(self) -> int:
-        return _U32.unpack_from(self.buf, RSP_EVENT)[0]
+        return atomics.load_u32(self.buf, RSP_EVENT)
 
     @rsp_event.setter
     def rsp_event(self, value: int) -> None:
-        _U32.pack_into(self.buf, RSP_EVENT, value & RING_IDX_MASK)
+        atomics.store_u32(self.buf, RSP_EVENT, value & RING_IDX_MASK)
 
     def init(self) -> None:
         """``SHARED_RING_INIT`` (frontend only): producers 0, events 1, pads zeroed."""

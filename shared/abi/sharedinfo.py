@@ -68,7 +68,6 @@ _MASK: Final = SHARED_INFO.offsets["evtchn_mask"]
 _UPCALL_PENDING: Final = VCPU_INFO.offsets["evtchn_upcall_pending"]
 _PENDING_SEL: Final = VCPU_INFO.offsets["evtchn_pending_sel"]
 _TIME: Final = VCPU_INFO.offsets["time"]
-_U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _WALLCLOCK = struct.Struct("<III")  # wc_sec, wc_nsec, wc_sec_hi
 _TIME_FIELDS = struct.Struct("<QQIbB")  # vcpu_time_info from tsc_timestamp to flags
@@ -245,9 +244,9 @@ def write_time_info(buf: bytearray | memoryview, vcpu: int, info: VcpuTimeInfo) 
     """Publish ``info`` in the vcpu_info at ``vcpu`` the way Xen does: version made
     odd, fields written, version made even again."""
     at = vcpu + _TIME
-    version = _U32.unpack_from(buf, at)[0]
+    version = atomics.load_u32(buf, at)
     odd = ((version + 1) | 1) & 0xFFFFFFFF
-    _U32.pack_into(buf, at, odd)
+    atomics.store_u32(buf, at, odd)
     _TIME_FIELDS.pack_into(
         buf,
         at + 8,
@@ -257,7 +256,7 @@ def write_time_info(buf: bytearray | memoryview, vcpu: int, info: VcpuTimeInfo) 
         info.tsc_shift,
         info.flags,
     )
-    _U32.pack_into(buf, at, (odd + 1) & 0xFFFFFFFF)
+    atomics.store_u32(buf, at, (odd + 1) & 0xFFFFFFFF)
 
 
 def read_time_info(buf: bytearray | memoryview, vcpu: int, retries: int = 1000) -> VcpuTimeInfo:
@@ -265,11 +264,11 @@ def read_time_info(buf: bytearray | memoryview, vcpu: int, retries: int = 1000) 
     changed during the copy."""
     at = vcpu + _TIME
     for _ in range(retries):
-        version = _U32.unpack_from(buf, at)[0]
+        version = atomics.load_u32(buf, at)
         if version & 1:
             continue
         fields = _TIME_FIELDS.unpack_from(buf, at + 8)
-        if _U32.unpack_from(buf, at)[0] == version:
+        if atomics.load_u32(buf, at) == version:
             return VcpuTimeInfo(*fields)
     raise TornReadError(f"vcpu_time_info at {at:#x} stayed mid-update")
 
@@ -278,20 +277,20 @@ def write_wallclock(buf: bytearray | memoryview, sec: int, nsec: int) -> None:
     """UTC at system time 0, under the ``wc_version`` seqlock; sec is 64-bit split
     into ``wc_sec`` and ``wc_sec_hi``."""
     at = SHARED_INFO.offsets["wc_version"]
-    odd = ((_U32.unpack_from(buf, at)[0] + 1) | 1) & 0xFFFFFFFF
-    _U32.pack_into(buf, at, odd)
+    odd = ((atomics.load_u32(buf, at) + 1) | 1) & 0xFFFFFFFF
+    atomics.store_u32(buf, at, odd)
     _WALLCLOCK.pack_into(buf, at + 4, sec & 0xFFFFFFFF, nsec, sec >> 32)
-    _U32.pack_into(buf, at, (odd + 1) & 0xFFFFFFFF)
+    atomics.store_u32(buf, at, (odd + 1) & 0xFFFFFFFF)
 
 
 def read_wallclock(buf: bytearray | memoryview, retries: int = 1000) -> tuple[int, int]:
     """``(sec, nsec)`` of the wall clock at system time 0."""
     at = SHARED_INFO.offsets["wc_version"]
     for _ in range(retries):
-        version = _U32.unpack_from(buf, at)[0]
+        version = atomics.load_u32(buf, at)
         if version & 1:
             continue
         sec, nsec, sec_hi = _WALLCLOCK.unpack_from(buf, at + 4)
-        if _U32.unpack_from(buf, at)[0] == version:
+        if atomics.load_u32(buf, at) == version:
             return (sec_hi << 32) | sec, nsec
     raise TornReadError("wall clock stayed mid-update")
