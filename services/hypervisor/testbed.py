@@ -221,7 +221,7 @@ async def hypervisor_host(**settings: str) -> AsyncIterator[HvHost]:
 
 
 def _vcpu_pids(topo: Path) -> list[int]:
-    """PIDs of puppet processes serving under this test's run dir."""
+    """PIDs of vCPU processes (puppets or kernels) serving under this test's run dir."""
     marker = str(topo.parent).encode()
     pids = []
     for entry in os.listdir("/proc"):
@@ -230,7 +230,10 @@ def _vcpu_pids(topo: Path) -> list[int]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"services.frontend.puppet" in cmdline and marker in cmdline:
+            is_vcpu = (
+                b"services.frontend.puppet" in cmdline or b"services.frontend.kernel" in cmdline
+            )
+            if is_vcpu and marker in cmdline:
                 pids.append(int(entry))
     return pids
 

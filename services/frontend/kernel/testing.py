@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import struct
-import subprocess
-import sys
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import attrs
@@ -30,53 +24,18 @@ from services.frontend.kernel import report
 from services.hypervisor import control as ctl
 from services.hypervisor.lapic import exit_reason
 from services.hypervisor.messages import EventChannelOp
-from services.hypervisor.testbed import Guest, HvHost, _topology
+from services.hypervisor.testbed import Guest, HvHost, hypervisor_host
 from shared.abi import hypercall as hc
 from shared.abi.constants import EVTCHNOP
-from shared.hostsecret import host_secret
 from shared.transport import Channel, open_channel
 
 KERNEL = ("python", "-m", "services.frontend.kernel", "--config", "{rundir}/guest-{name}.json")
 
 
-@asynccontextmanager
-async def kernel_host(**settings: str) -> AsyncIterator[HvHost]:
-    """Like :func:`services.hypervisor.testbed.hypervisor_host`, but the host
-    gets a unique name, so its guest RAM files (``/dev/shm/domsplit-<host>-dom<D>``)
-    never collide with another test bed running on the machine at the same time."""
-    base = Path(tempfile.mkdtemp(prefix="ds-k-", dir="/tmp"))
-    rundir = base / f"k{base.name[-6:].lower().replace('_', 'x')}"
-    rundir.mkdir()
-    topo = _topology(rundir, settings)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.hypervisor", "--topology", str(topo)],
-        stdout=open(base / "hv.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
-    endpoint = f"ipc://{rundir}/hypervisor.sock"
-    try:
-        async with AsyncExitStack() as stack:
-            dom0 = await stack.enter_async_context(open_channel(endpoint))
-            await dom0.wait_connected(timeout=20)
-            await dom0.call(ctl.Dom0Hello(host_secret(rundir)), timeout=10)
-            host = HvHost(rundir, endpoint, dom0, proc, stack)
-            try:
-                yield host
-            finally:
-                with trio.move_on_after(10):
-                    for g in host.guests:
-                        try:
-                            await dom0.call(ctl.DestroyDomain(g.domid), timeout=10)
-                        except Exception:
-                            pass
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(base, ignore_errors=True)
+def kernel_host(**settings: str) -> AbstractAsyncContextManager[HvHost]:
+    """A hypervisor process to boot kernels on (the test bed: unique host
+    name, every process killed by PID at the end)."""
+    return hypervisor_host(**settings)
 
 
 @attrs.define(eq=False)
