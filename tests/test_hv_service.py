@@ -488,3 +488,34 @@ async def test_scenario_knobs_of_the_host() -> None:
             assert await v.upcalls() == ()
             results = [(await _arm(v, 10_000_000))[0] for _ in range(3)]
             assert results == [ETIME, ETIME, 0]
+
+
+async def test_a_dead_backends_grant_mappings_are_released() -> None:
+    from shared.hostsecret import host_secret
+    from shared.transport import open_channel
+
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a = await hv.create(vcpus=1)
+            await a.pv_setup()
+            v = a.vcpus[0]
+            table = await _grant_table(v)
+            await _grant(v, table, 10, 0, 20, gt.GTF.PERMIT_ACCESS)
+            async with open_channel(hv.endpoint) as backend:
+                await backend.call(ctl.Dom0Hello(host_secret(hv.rundir)))
+                op = gt.GnttabMapGrantRef(0, gt.GNTMAP.HOST_MAP, 10, a.domid)
+                res = await backend.call(
+                    GrantTableOp(gt.GNTTABOP.MAP_GRANT_REF, 1, op.encode(), b"")
+                )
+                assert gt.GnttabMapGrantRef.decode(res.data).status == gt.GNTST.OKAY
+                entry = gt.GrantEntry.decode(await v.peek(table, gt.grant_entry_offset(10), 8))
+                assert entry.flags & gt.GTF.READING
+            # the backend process is gone (its connection closed): so is its mapping
+            for _ in range(100):
+                entry = gt.GrantEntry.decode(await v.peek(table, gt.grant_entry_offset(10), 8))
+                if not entry.flags & (gt.GTF.READING | gt.GTF.WRITING):
+                    break
+                await trio.sleep(0.02)
+            assert not entry.flags & (gt.GTF.READING | gt.GTF.WRITING)
+            stats = (await hv.status()).stats["hypervisor"]
+            assert stats["released_mappings"] == 1 and stats["gnttab"]["mappings"] == 0

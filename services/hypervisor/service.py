@@ -33,6 +33,7 @@ from services.hypervisor.messages import (
     ApicAccess,
     Cpuid,
     EventChannelOp,
+    GrantTableOp,
     HvmOp,
     HypercallResult,
     MemoryOp,
@@ -40,6 +41,7 @@ from services.hypervisor.messages import (
     VcpuOp,
 )
 from services.hypervisor.vcpus import VcpuProcesses
+from shared.abi import grant as gt
 from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
 from shared.abi.constants import (
@@ -134,6 +136,8 @@ class HypervisorService:
         self.waiters: dict[tuple[int, int], trio.Event] = {}
         self.traces: dict[int, DomainTrace] = {}
         self.doorbells: dict[tuple[int, int], DoorbellWriter] = {}
+        self.dom0_mappings: dict[Peer, set[int]] = {}
+        self.released_mappings = 0
         self.kicks = self.kick_fallbacks = 0
         self.timer = TimerFd()
         self.refused_bindings = 0
@@ -181,6 +185,7 @@ class HypervisorService:
             "gnttab": attrs.asdict(self.core.gnttab.statistics()),
             "vcpu_processes": self.processes.running(),
             "doorbell_kicks": self.kicks,
+            "released_mappings": self.released_mappings,
             "doorbell_fallbacks": self.kick_fallbacks,
         }
 
@@ -248,6 +253,7 @@ class HypervisorService:
                 bell.close()
         for port in [p for p, owner in self.dom0_ports.items() if owner is peer]:
             del self.dom0_ports[port]
+        self._release_mappings(peer)
 
     def _caller(self, peer: Peer) -> tuple[int, int]:
         who = self.bindings.get(peer)
@@ -293,6 +299,9 @@ class HypervisorService:
         kind = type(msg)
         if kind is EventChannelOp and (domid != 0 or msg.cmd not in _PORT_MAKING_OPS):
             return  # the hot path: nothing to do
+        if kind is GrantTableOp and domid == 0:
+            self._track_mappings(peer, msg, result)
+            return
         if domid == 0 and kind is EventChannelOp:
             rec = _PORT_MAKING_OPS[EVTCHNOP(msg.cmd)].unpack(result.data)
             self.dom0_ports[getattr(rec, "port", getattr(rec, "local_port", 0))] = peer
@@ -307,6 +316,27 @@ class HypervisorService:
                 self._startup_ipi(domid, vcpu, msg.value)
         if domid != 0 and kind in (MemoryOp, VcpuOp):
             self.core.publish_time(domid)
+
+    def _track_mappings(self, peer: Peer, msg: GrantTableOp, result: HypercallResult) -> None:
+        """Which dom0 process holds which grant mapping: when a backend process
+        dies, its mappings go with it (as a dead domain's do in Xen), so the
+        guest can end its grants."""
+        held = self.dom0_mappings.setdefault(peer, set())
+        if msg.cmd == gt.GNTTABOP.MAP_GRANT_REF:
+            size = gt.MAP_GRANT_REF.size
+            for i in range(min(msg.count, len(result.data) // size)):
+                op = gt.GnttabMapGrantRef.decode(result.data, i * size)
+                if op.status == gt.GNTST.OKAY:
+                    held.add(op.handle)
+        elif msg.cmd == gt.GNTTABOP.UNMAP_GRANT_REF:
+            size = gt.UNMAP_GRANT_REF.size
+            for i in range(min(msg.count, len(msg.args) // size)):
+                held.discard(gt.GnttabUnmapGrantRef.decode(msg.args, i * size).handle)
+
+    def _release_mappings(self, peer: Peer) -> None:
+        for handle in self.dom0_mappings.pop(peer, ()):
+            self.core.gnttab.unmap_grant_ref(0, gt.GnttabUnmapGrantRef(0, 0, handle))
+            self.released_mappings += 1
 
     def _startup_ipi(self, domid: int, vcpu: int, icr: int) -> None:
         """INIT-SIPI-SIPI, the bare-metal way to start an AP: the SIPI brings
