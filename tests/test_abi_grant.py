@@ -23,11 +23,7 @@ from shared.abi.grant import (
     GnttabUnmapGrantRef,
     GrantEntry,
 )
-
-U16 = st.integers(0, 2**16 - 1)
-U32 = st.integers(0, 2**32 - 1)
-U64 = st.integers(0, 2**64 - 1)
-S16 = st.integers(-(2**15), 2**15 - 1)
+from tests.strategies import S16, U16, U32, U64
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,7 @@ from shared.abi.netif import (
     NetTxF,
 )
 from tests.cbuild import compile_c
-
-U8 = st.integers(0, 2**8 - 1)
-U16 = st.integers(0, 2**16 - 1)
-U32 = st.integers(0, 2**32 - 1)
-S16 = st.integers(-(2**15), 2**15 - 1)
+from tests.strategies import S16, U8, U16, U32
 
 
 @pytest.mark.parametrize(
