@@ -29,8 +29,9 @@ import collections
 
 import attrs
 
-from services.hypervisor.callback import Callback, Via, delivery_for
-from services.hypervisor.effects import Effects, Outcome, Upcall, Wake
+from services.hypervisor.callback import Callback, Via
+from services.hypervisor.effects import Effects, Outcome
+from services.hypervisor.evtchn_delivery import Delivery
 from services.hypervisor.evtchn_state import ChannelRecord, EvtchnState, EvtchnStats
 from shared.abi import sharedinfo as si
 from shared.abi.constants import (
@@ -91,7 +92,7 @@ class _Domain:
     polls: dict[int, frozenset[int]] = attrs.Factory(dict)
 
 
-class EventChannels:
+class EventChannels(Delivery):
     """All event channels of a host (a plain state table: no I/O)."""
 
     def __init__(self) -> None:
@@ -438,63 +439,6 @@ class EventChannels:
             if rch is not None and rch.state == EVTCHNSTAT.interdomain:
                 rch.state, rch.remote_dom, rch.remote_port = EVTCHNSTAT.unbound, d.domid, 0
         si.evtchn_clear_pending(d.shared, port)
-
-    def _set_pending(self, d: _Domain, port: int) -> Effects:
-        """Xen's ``evtchn_2l_set_pending`` on the port's notify vCPU."""
-        if si.evtchn_set_pending(d.shared, port):
-            return ()  # already pending: this send merges into the earlier one
-        wake = self._check_pollers(d, port)
-        if si.evtchn_is_masked(d.shared, port):
-            return wake
-        vcpu = d.channels[port].vcpu
-        buf, off = d.vcpu_info[vcpu]
-        if si.set_pending_sel_bit(buf, off, port >> 6) or si.set_upcall_pending(buf, off):
-            return wake
-        return wake + self._kick(d, vcpu)
-
-    def _check_pollers(self, d: _Domain, port: int) -> Effects:
-        woken = [v for v, ports in d.polls.items() if port in ports]
-        for v in woken:
-            del d.polls[v]
-        return tuple(Wake(d.domid, v) for v in woken)
-
-    def _kick(self, d: _Domain, vcpu: int) -> Effects:
-        """``evtchn_upcall_pending`` went 0 -> 1: deliver per the callback mode."""
-        how = delivery_for(d.callback, d.upcall_vectors.get(vcpu), vcpu)
-        if how is None:
-            return ()
-        if how.needs_eoi:
-            if vcpu in d.in_service:
-                d.latched.add(vcpu)
-                return ()
-            d.in_service.add(vcpu)
-        self._upcalls += 1
-        return (Upcall(d.domid, vcpu, self._pending_ports(d, vcpu), how.vector, how.needs_eoi),)
-
-    def _reassert(self, d: _Domain, vcpus: tuple[int, ...] | None = None) -> Effects:
-        effects: Effects = ()
-        for v in range(d.nr_vcpus) if vcpus is None else vcpus:
-            buf, off = d.vcpu_info[v]
-            if si.upcall_pending(buf, off) and v not in d.in_service:
-                effects += self._kick(d, v)
-        return effects
-
-    def _pending_ports(self, d: _Domain, vcpu: int) -> tuple[int, ...]:
-        buf, off = d.vcpu_info[vcpu]
-        sel, ports = si.pending_sel(buf, off), []
-        while sel:  # set bits only: this runs on every delivered event
-            low = sel & -sel
-            sel ^= low
-            word = low.bit_length() - 1
-            bits = si.pending_word(d.shared, word)
-            while bits:
-                lowbit = bits & -bits
-                bits ^= lowbit
-                port = word * 64 + lowbit.bit_length() - 1
-                ch = d.channels.get(port)
-                if ch is not None and ch.vcpu == vcpu:
-                    ports.append(port)
-        return tuple(ports)
 
     def _fail(self, op: str, errno: int) -> Outcome:
         self._ops[op] += 1
