@@ -133,7 +133,10 @@ async def test_default_periodic_timer_is_stopped_on_every_vcpu_before_work() -> 
                 assert binds and arms and stops[0].seq < binds[0] < arms[0]
             idle = [v.upcalls for v in (await g.detail()).vcpus]
             await trio.sleep(0.5)  # 50 ticks per vCPU, had one been left running
-            assert [v.upcalls for v in (await g.detail()).vcpus] == idle
+            after = [v.upcalls for v in (await g.detail()).vcpus]
+            # a straggling event of the workload may land on a loaded machine; a
+            # 100 Hz tick left running would add about 50
+            assert all(b - a < 5 for a, b in zip(idle, after, strict=True)), (idle, after)
 
 
 async def test_periodic_timer_stopped_before_work_and_no_spurious_ticks() -> None:
@@ -152,4 +155,5 @@ async def test_periodic_timer_stopped_before_work_and_no_spurious_ticks() -> Non
                 assert stops and arms and stops[0] < arms[0]
             idle = [v.upcalls for v in (await g.detail()).vcpus]
             await trio.sleep(0.3)
-            assert [v.upcalls for v in (await g.detail()).vcpus] == idle
+            after = [v.upcalls for v in (await g.detail()).vcpus]
+            assert all(b - a < 3 for a, b in zip(idle, after, strict=True)), (idle, after)
