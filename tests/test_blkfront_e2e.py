@@ -85,7 +85,6 @@ def _check_image(path: Path, res: dict, before: bytes) -> None:
 
 
 @needs_block_workload
-@pytest.mark.slow  # an intermittent stall under load (a lost wakeup?): see issue 6
 @pytest.mark.timeout(300)  # a loaded machine: generous, still absolute
 async def test_raw_sparse_indirect_and_cdrom(tmp_path: Path) -> None:
     raw, sparse, iso = tmp_path / "raw.img", tmp_path / "sparse.img", tmp_path / "cd.iso"

@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import attrs
+import trio
 
 from services.hypervisor.messages import MemoryOp
 from shared.abi import grant as gt
@@ -125,6 +126,7 @@ class KernelGrants:
 
 
 _BY_KERNEL: weakref.WeakKeyDictionary[Kernel, KernelGrants] = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[Kernel, trio.Lock] = weakref.WeakKeyDictionary()
 
 
 def layout(nr_pages: int, reserved: int) -> tuple[int, range]:
@@ -139,11 +141,17 @@ def layout(nr_pages: int, reserved: int) -> tuple[int, range]:
 
 async def kernel_grants(k: Kernel) -> KernelGrants:
     """The kernel's grant table, its frames placed in the physmap on first use."""
+    # Several devices probe at once, each in its own task: without the lock two
+    # could both find no table, each build one over the same frames and pool,
+    # and hand out the same refs and pages (their rings then overwrote each
+    # other: a stall seen under load).
+    async with _LOCKS.setdefault(k, trio.Lock()):
+        return _BY_KERNEL.get(k) or await _build_kernel_grants(k)
+
+
+async def _build_kernel_grants(k: Kernel) -> KernelGrants:
     from services.frontend.kernel.layout import pages_needed
 
-    got = _BY_KERNEL.get(k)
-    if got is not None:
-        return got
     ram = k.mem.ram
     frames_gfn, pool = layout(len(ram) // PAGE_SIZE, pages_needed(k.nr_cpus))
     for idx in range(GRANT_FRAMES):
