@@ -76,7 +76,7 @@ class KernelGuest:
     async def detail(self) -> ctl.DomainDetail:
         return await self.hv.dom0.call(ctl.DomainDetailRequest(self.domid))
 
-    async def wait_reports(self, check: Any, timeout: float = 20) -> list[dict[str, Any]]:
+    async def wait_reports(self, check: Any, timeout: float = 45) -> list[dict[str, Any]]:
         """Until ``check(reports)`` holds (reports re-read every 20 ms)."""
         with trio.fail_after(timeout):
             while True:
