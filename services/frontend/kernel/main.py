@@ -67,8 +67,10 @@ class Guest:
         written = None
         while True:
             await trio.sleep(REPORT_INTERVAL_S)
-            if (v := self.version()) != written:
-                self.write_report()
+            if (v := self.version()) != written and self.k.cfg.rundir:
+                path = report.report_path(self.k.cfg.rundir, self.k.domid, self.k.cpu)
+                body = report.encode(self.status())
+                await trio.to_thread.run_sync(report.write_bytes_atomic, path, body)
                 written = v
 
     async def run_workload(self, spec: dict[str, Any]) -> dict[str, Any] | None:
