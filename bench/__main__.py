@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         results = module.run(quick=args.quick)
-        unmet += sum(not r.met for r in results)
+        unmet += sum(r.met is False for r in results)
     return 1 if unmet and not args.quick else 0
 
 

@@ -14,13 +14,14 @@ class Result:
     """One metric against the baseline measured in the same run.
 
     ``lower_is_better`` metrics (latencies) meet their goal when
-    ``ratio <= goal``; throughputs when ``ratio >= goal``."""
+    ``ratio <= goal``; throughputs when ``ratio >= goal``. A metric reported
+    for information has no goal (``goal`` and ``met`` are null)."""
 
     bench: str
     metric: str
     value: float
     baseline: float
-    goal: float
+    goal: float | None
     lower_is_better: bool
     unit: str = ""
     baseline_name: str = ""
@@ -30,7 +31,9 @@ class Result:
         return self.value / self.baseline if self.baseline else float("inf")
 
     @property
-    def met(self) -> bool:
+    def met(self) -> bool | None:
+        if self.goal is None:
+            return None
         return self.ratio <= self.goal if self.lower_is_better else self.ratio >= self.goal
 
     def line(self) -> str:
@@ -41,7 +44,9 @@ class Result:
                 "value": round(self.value, 3),
                 "baseline": round(self.baseline, 3),
                 "ratio": round(self.ratio, 3),
-                "goal": ("<= " if self.lower_is_better else ">= ") + str(self.goal),
+                "goal": None
+                if self.goal is None
+                else ("<= " if self.lower_is_better else ">= ") + str(self.goal),
                 "met": self.met,
                 "unit": self.unit,
                 "baseline_name": self.baseline_name,

@@ -13,7 +13,7 @@ A topology is TOML::
     migration = "tcp://127.0.0.1:7711"
 
     [hosts.alpha.settings]           # optional per-host knobs
-    sshot_past = "etime"             # past singleshot deadline: "etime" (4.17) or "fire"
+    sshot_past = "etime"             # past singleshot deadline: "fire" (default) or "etime"
 
 Every service not overridden gets ``ipc://<dir>/<host>/<service>.sock``;
 xenstored also gets a Unix socket for Xen's own tools at
