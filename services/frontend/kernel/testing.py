@@ -152,15 +152,31 @@ class EventSource:
         arg = hc.EvtchnSend(self.local[port]).pack()
         await self.hv.dom0.call(EventChannelOp(EVTCHNOP.send, arg))
 
+    async def send_oneway(self, port: int) -> None:
+        """``EVTCHNOP_send`` without waiting for its result, as blkback notifies."""
+        await self.hv.dom0.send(
+            EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(self.local[port]).pack())
+        )
+
     async def blast(
-        self, rounds: int, gap: float = 0.0005, ports: list[int] | None = None, parallel: int = 1
+        self,
+        rounds: int,
+        gap: float = 0.0005,
+        ports: list[int] | None = None,
+        parallel: int = 1,
+        oneway: int = 0,
     ) -> int:
         """``rounds`` sends on every port from each of ``parallel`` senders per
-        port (calls in flight at once); returns sends made."""
+        port (calls in flight at once); returns sends made. With ``oneway=K``
+        each round is K one-way sends and then one call, which returns once
+        the hypervisor has taken them all (the channel keeps order): the
+        hypervisor answers one call in K+1 sends."""
         targets = ports if ports is not None else list(self.local)
 
         async def one(port: int) -> None:
             for _ in range(rounds):
+                for _ in range(oneway):
+                    await self.send_oneway(port)
                 await self.send(port)
                 await trio.sleep(gap)
 
@@ -168,7 +184,7 @@ class EventSource:
             for port in targets:
                 for _ in range(parallel):
                     n.start_soon(one, port)
-        return rounds * len(targets) * parallel
+        return rounds * len(targets) * parallel * (1 + oneway)
 
 
 _APIC_ARG = struct.Struct("<I?Q")
