@@ -461,3 +461,28 @@ def test_state_round_trips_and_a_restored_core_finishes_the_work() -> None:
     done = rig.run()
     assert sorted(c.bio for c in done) == sorted([reads, *writes])
     assert core.outstanding() == 0 and core.statistics().reissued >= 32
+
+
+@pytest.mark.parametrize("nsectors", [1, 7, 8, 9, 88, 2048, 4096 + 3, 8 * 600])
+def test_indirect_pages_hold_the_same_segments_as_segment_records(nsectors: int) -> None:
+    """The packed fast path equals the segment records encoded one by one."""
+    from services.frontend.kernel import blkfront_request as rq
+
+    refs = [1000 + 3 * k for k in range(rq.pages_for(nsectors))]
+    segs = rq.segments(nsectors, refs)
+    per = bi.SEGMENTS_PER_INDIRECT_FRAME
+    expected = [bi.encode_indirect_page(segs[k : k + per]) for k in range(0, len(segs), per)]
+    assert rq.indirect_contents(nsectors, refs) == expected
+    pages = b"".join(expected)
+    assert bi.decode_indirect_segments(
+        [pages[k : k + PAGE_SIZE] for k in range(0, len(pages), PAGE_SIZE)] or [b""], len(segs)
+    ) == tuple(segs)
+
+
+def test_one_run_is_only_consecutive_frames() -> None:
+    from services.frontend.kernel.blkfront_core import _one_run
+
+    assert _one_run([(5, 1), (6, 9), (7, 2)]) == 5 * PAGE_SIZE
+    assert _one_run([(5, 1), (7, 9), (7, 2)]) is None  # ends fit, middle does not
+    assert _one_run([(5, 1), (4, 9)]) is None
+    assert _one_run([]) is None

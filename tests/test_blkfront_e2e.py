@@ -111,7 +111,8 @@ async def test_raw_sparse_indirect_and_cdrom(tmp_path: Path) -> None:
         'flush_every=32,seed=3",'
         '"block:name=cdread,vdev=hdc,pattern=random,op=read,bs=2048,qd=4,count=64",'
         '"block:name=cdwrite,vdev=hdc,pattern=seq,op=write,bs=4096,qd=1,count=4,'
-        'verify_after=0"]',
+        'verify_after=0",'
+        '"block_raw:name=rawread,vdev=xvda,op=read,bs=1048576,qd=2,count=6"]',
     )
     with trio.fail_after(240), temporary_host(FULL_HOST) as host:
         topo, domid = await _up_and_create(host, cfg)
@@ -147,6 +148,10 @@ async def test_raw_sparse_indirect_and_cdrom(tmp_path: Path) -> None:
             "EIO" in s or "Errno 5" in s for s in cdw["io_error_samples"]
         )
         assert iso.read_bytes() == iso_before
+
+        raw_read = res["rawread"]  # the throughput workload: one INDIRECT per 1 MiB block
+        assert "error" not in raw_read and not raw_read["timed_out"], raw_read
+        assert raw_read["requests"] == 6 and raw_read["mb_s"] > 0
 
         # eject and insert reach the frontend as media changes (Connected -> Connected)
         assert (await run_cli("cd-eject", "bf1", "hdc", *topo)).returncode == 0

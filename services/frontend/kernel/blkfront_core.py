@@ -25,6 +25,7 @@ Rules a reviewer checks here (xen-reference 3, 4.3, 6; guest-behaviour A.4, B.5)
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 
 import attrs
 
@@ -74,10 +75,12 @@ class BlkfrontCore:
         self.shadow: list[ShadowEntry | None] = []
         self._free_ids: list[int] = []
         self.bios: dict[int, BioRecord] = {}
-        self._reads: dict[int, bytearray] = {}
+        #: data read so far per READ bio: the bytes themselves when one request
+        #: carried the whole bio (one copy, as ``pread``), else filled part by part
+        self._reads: dict[int, bytes | bytearray] = {}
         self.pending: collections.deque[Part] = collections.deque()
         self.persistent_free: list[tuple[int, int]] = []
-        self.persistent_all: list[tuple[int, int]] = []
+        self.persistent_all: dict[tuple[int, int], None] = {}  #: an ordered set
         self.frozen = False  #: a single-stepped ordered write is in flight
         self.live = False  #: between connect() and disconnect()
         self.next_bio = 1
@@ -118,7 +121,7 @@ class BlkfrontCore:
             self.stats["reissued"] += 1
         for gfn, ref in self.persistent_all:
             self._revoke(gfn, ref)
-        self.persistent_all, self.persistent_free = [], []
+        self.persistent_all, self.persistent_free = {}, []
         for gfn, ref in self.ring_pages:
             self._revoke(gfn, ref)
         self.ring, self.ring_pages, self.shadow, self._free_ids = None, [], [], []
@@ -135,8 +138,6 @@ class BlkfrontCore:
         bio, self.next_bio = self.next_bio, self.next_bio + 1
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         self.bios[bio] = BioRecord(bio, kind, sector, nsectors, bytes(data))
-        if kind == BioKind.READ:
-            self._reads[bio] = bytearray(nsectors * rq.SECTOR)
         self.pending.append(Part(bio, kind, sector, nsectors, 0, seq))
         return bio
 
@@ -289,7 +290,8 @@ class BlkfrontCore:
             self.bios[part.bio] = bio
             return
         del self.bios[part.bio]
-        data = bytes(self._reads.pop(part.bio, b"")) if bio.status == OKAY else b""
+        data = self._reads.pop(part.bio, b"")
+        data = bytes(data) if bio.status == OKAY else b""
         self.completions.append(Completion(bio.id, bio.kind, bio.status, data))
         self.stats["bios_done"] += 1
 
@@ -305,9 +307,12 @@ class BlkfrontCore:
             more = self._grant_fresh(1, readonly=False)
             if more is None:
                 return None
-            self.persistent_all += more
+            self.persistent_all.update(dict.fromkeys(more))
             self.persistent_free += more
-        out, self.persistent_free = self.persistent_free[:n], self.persistent_free[n:]
+        if n == 0:
+            return []
+        out = self.persistent_free[-n:]  # the pages freed last, often one run of frames
+        del self.persistent_free[-n:]
         return out
 
     def _grant_fresh(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
@@ -321,11 +326,13 @@ class BlkfrontCore:
         return [(g, self.grants.grant(self.backend_domid, g, readonly)) for g in gfns]
 
     def _release(self, entry: ShadowEntry) -> None:
-        self._release_pages(list(entry.pages), persistent=self._persistent)
+        # indirect pages first: the data pages end the free list, one run of
+        # frames that the next request of the same size takes whole
         self._release_pages(list(entry.indirect_pages), persistent=self._persistent)
+        self._release_pages(list(entry.pages), persistent=self._persistent)
 
     def _release_pages(self, pages: list[tuple[int, int]], persistent: bool) -> None:
-        if persistent and all(p in self.persistent_all for p in pages):
+        if persistent and self.persistent_all.keys() >= set(pages):
             self.persistent_free += pages
             return
         for gfn, ref in pages:
@@ -342,15 +349,29 @@ class BlkfrontCore:
         data = self.bios[part.bio].data
         left = part.nsectors * rq.SECTOR
         at = part.offset
+        if (start := _one_run(pages)) is not None:  # consecutive frames: one copy
+            self.ram[start : start + left] = data[at : at + left]
+            return
         for gfn, _ in pages:
             n = min(PAGE_SIZE, left)
             self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + n] = data[at : at + n]
             at, left = at + n, left - n
 
     def _copy_out(self, entry: ShadowEntry) -> None:
-        buf = self._reads[entry.part.bio]
-        left = entry.part.nsectors * rq.SECTOR
-        at = entry.part.offset
+        part = entry.part
+        left = part.nsectors * rq.SECTOR
+        at = part.offset
+        start = _one_run(entry.pages)
+        if start is not None and at == 0 and part.nsectors == self.bios[part.bio].nsectors:
+            self._reads[part.bio] = bytes(self.ram[start : start + left])  # the whole bio
+            return
+        size = self.bios[part.bio].nsectors * rq.SECTOR
+        buf = self._reads.get(part.bio)
+        if not isinstance(buf, bytearray) or len(buf) != size:
+            buf = self._reads[part.bio] = bytearray(size)
+        if start is not None:  # consecutive frames: one copy
+            buf[at : at + left] = self.ram[start : start + left]
+            return
         for gfn, _ in entry.pages:
             n = min(PAGE_SIZE, left)
             buf[at : at + n] = self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + n]
@@ -400,7 +421,7 @@ class BlkfrontCore:
             core.bios[b.id] = b
         core.pending.extend(state.pending)
         core.shadow = list(state.shadow)
-        core.persistent_all = list(state.persistent_pages)
+        core.persistent_all = dict.fromkeys(state.persistent_pages)
         for entry in state.shadow:
             for gfn, ref in (*entry.pages, *entry.indirect_pages):
                 grants.claim(ref)
@@ -412,3 +433,14 @@ class BlkfrontCore:
         core.stats.update(attrs.asdict(state.stats))
         core.disconnect()
         return core
+
+
+def _one_run(pages: Sequence[tuple[int, int]]) -> int | None:
+    """The byte address of ``pages`` when their frames follow one another in
+    guest RAM (one copy moves them all), else None."""
+    if not pages:
+        return None
+    first, last = pages[0][0], pages[-1][0]
+    if last - first != len(pages) - 1 or [g for g, _ in pages] != list(range(first, last + 1)):
+        return None
+    return first * PAGE_SIZE

@@ -14,6 +14,8 @@ segment per page; up to 11 segments in the request itself, beyond that an
 from __future__ import annotations
 
 import enum
+import functools
+import struct
 
 from services.frontend.kernel.blkfront_state import BackendInfo, BioKind, Part
 from shared.abi import blkif as bi
@@ -117,18 +119,34 @@ def encode(
         return bi.BlkifRequestDiscard(0, handle, rid, part.sector, part.nsectors).encode()
     if not carries_data(part.kind):
         return bi.BlkifRequest.of(op, handle, rid, part.sector).encode()
-    segs = segments(part.nsectors, data_refs)
     if indirect_refs:
-        req = bi.BlkifRequestIndirect(op, len(segs), rid, part.sector, handle, tuple(indirect_refs))
+        n = len(data_refs)
+        req = bi.BlkifRequestIndirect(op, n, rid, part.sector, handle, tuple(indirect_refs))
         return req.encode()
+    segs = segments(part.nsectors, data_refs)
     return bi.BlkifRequest.of(op, handle, rid, part.sector, tuple(segs)).encode()
 
 
+@functools.cache
+def _segments_struct(n: int) -> struct.Struct:
+    """``n`` packed ``blkif_request_segment`` (gref, first_sect, last_sect, pad)."""
+    assert bi.SEGMENT_SIZE == 8
+    return struct.Struct("<" + "IBBxx" * n)
+
+
 def indirect_contents(nsectors: int, data_refs: list[int]) -> list[bytes]:
-    """The bytes of each indirect page: packed segments, 512 per page."""
-    segs = segments(nsectors, data_refs)
-    per = bi.SEGMENTS_PER_INDIRECT_FRAME
-    return [bi.encode_indirect_page(segs[k : k + per]) for k in range(0, len(segs), per)]
+    """The bytes of each indirect page: packed segments, 512 per page (the
+    same bytes as :func:`segments` encoded, built at C speed: a 1 MiB request
+    has 256 of them)."""
+    n = len(data_refs)
+    fields: list[int] = [0] * (3 * n)
+    fields[0::3] = data_refs
+    fields[2::3] = [SECTORS_PER_PAGE - 1] * n
+    if n:
+        fields[-1] = (nsectors - 1) % SECTORS_PER_PAGE  # the last page may be partial
+    raw = _segments_struct(n).pack(*fields)
+    step = bi.SEGMENTS_PER_INDIRECT_FRAME * bi.SEGMENT_SIZE
+    return [raw[k : k + step] for k in range(0, len(raw), step)]
 
 
 assert PAGE_SIZE == SECTORS_PER_PAGE * SECTOR

@@ -52,7 +52,16 @@ from typing import Any
 import attrs
 
 WORKLOAD_KINDS = frozenset(
-    {"callouts", "timer_rate", "ipi_pingpong", "ipi_broadcast", "busy", "idle", "block"}
+    {
+        "callouts",
+        "timer_rate",
+        "ipi_pingpong",
+        "ipi_broadcast",
+        "busy",
+        "idle",
+        "block",
+        "block_raw",
+    }
 )
 
 

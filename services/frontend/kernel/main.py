@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from services.hypervisor import control as ctl
 from services.hypervisor.effects import ApicInterrupt, Upcall
 from shared.doorbell import EOI, NMI, UPCALL, DoorbellReader, bell_path
 from shared.guestmem import GuestMemory
+from shared.memtune import keep_large_buffers
 from shared.transport import Channel, open_channel, open_server
 
 REPORT_INTERVAL_S = 0.1
@@ -184,6 +186,32 @@ async def _serve(endpoint: str, guest: Guest, task_status: Any = trio.TASK_STATU
         await trio.sleep(math.inf)
 
 
+PROFILE_ENV = "DOMSPLIT_VCPU_PROFILE"
+
+
+async def _profiled(args: argparse.Namespace, where: str) -> None:
+    """With ``DOMSPLIT_VCPU_PROFILE=<dir>``: run under cProfile and dump the
+    stats to ``<dir>/dom<D>-vcpu<K>.prof`` every second (a vCPU process is
+    killed, not stopped, when its domain is destroyed)."""
+    import cProfile
+
+    prof = cProfile.Profile()
+    out = Path(where) / f"dom{args.domid}-vcpu{args.vcpu}.prof"
+
+    async def dump() -> None:
+        while True:
+            await trio.sleep(1.0)
+            prof.create_stats()
+            prof.dump_stats(out)
+            prof.enable()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dump)
+        prof.enable()
+        await run(args)
+        nursery.cancel_scope.cancel()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m services.frontend.kernel")
     p.add_argument("--config", required=True)
@@ -193,4 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--vcpu", type=int, required=True)
     p.add_argument("--token", required=True)
-    trio.run(run, p.parse_args(argv))
+    args = p.parse_args(argv)
+    keep_large_buffers()
+    where = os.environ.get(PROFILE_ENV)
+    trio.run(_profiled, args, where) if where else trio.run(run, args)

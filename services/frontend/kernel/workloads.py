@@ -56,6 +56,10 @@ async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
         from services.frontend.kernel import blkwork
 
         return await blkwork.run(k, spec)
+    if kind == "block_raw":
+        from services.frontend.kernel import blkbench
+
+        return await blkbench.run(k, spec)
     if kind == "idle":
         await trio.sleep(float(spec.get("seconds", 1.0)))
         return {"idle_s": spec.get("seconds", 1.0)}

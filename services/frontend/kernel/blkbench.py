@@ -1,0 +1,87 @@
+"""The raw block throughput workload (``kind: "block_raw"``): what a guest's
+``dd``/``fio`` would measure through blkfront, with no stamping or checking
+(the verifying workload is :mod:`blkwork`).
+
+Spec (every field has a default)::
+
+    {"kind": "block_raw", "vdev": "xvda", "op": "read|write", "pattern": "seq|random",
+     "bs": 1048576, "qd": 4, "count": 256, "seed": 1, "timeout": 60}
+
+``qd`` workers each keep one request in flight. Sequential offsets wrap at
+the end of the disk; random ones are ``bs``-aligned. Writes put down one
+buffer of random bytes made up front; reads hand each block to the caller as
+``bytes``, as ``os.pread`` does. Runs on vCPU0, where blkfront lives.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from services.frontend.kernel.blkfront import wait_device
+from shared.abi.blkif import SECTOR_SIZE
+
+if TYPE_CHECKING:
+    from services.frontend.kernel.kernel import Kernel
+
+
+async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``block_raw`` workload on vCPU0; None elsewhere."""
+    if k.cpu != 0:
+        return None
+    timeout = float(spec.get("timeout", 60))
+    try:
+        dev = await wait_device(k, str(spec.get("vdev", "xvda")), timeout)
+    except trio.TooSlowError:
+        return {"error": f"no connected {spec.get('vdev', 'xvda')} after {timeout:g} s"}
+    bs = int(spec.get("bs", 1 << 20))
+    if bs <= 0 or bs % SECTOR_SIZE:
+        return {"error": f"bs {bs} is not a positive multiple of {SECTOR_SIZE}"}
+    op = str(spec.get("op", "read"))
+    if op not in ("read", "write"):
+        return {"error": f"op {op!r} is not read or write"}
+    nsect = bs // SECTOR_SIZE
+    blocks = dev.sectors // nsect
+    if blocks == 0:
+        return {"error": f"{dev.name} holds no block of {bs} bytes"}
+    count = int(spec.get("count", 256))
+    rng = random.Random(int(spec.get("seed", 1)))
+    if spec.get("pattern", "seq") == "random":
+        order = [rng.randrange(blocks) for _ in range(count)]
+    else:
+        order = [i % blocks for i in range(count)]
+    data = os.urandom(bs)
+    todo = iter(order)
+    stats0 = dev.statistics()
+
+    async def worker() -> None:
+        for block in todo:
+            if op == "write":
+                await dev.write(block * nsect, data)
+            else:
+                await dev.read(block * nsect, nsect)
+
+    t0 = time.monotonic()
+    with trio.move_on_after(timeout) as scope:
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, int(spec.get("qd", 4)))):
+                nursery.start_soon(worker)
+    elapsed = time.monotonic() - t0
+    stats = dev.statistics()
+    reqs = stats.requests - stats0.requests
+    return {
+        "vdev": dev.name,
+        "op": op,
+        "bs": bs,
+        "count": count,
+        "timed_out": scope.cancelled_caught,
+        "seconds": elapsed,
+        "iops": count / elapsed if elapsed else 0.0,
+        "mb_s": count * bs / elapsed / 1e6 if elapsed else 0.0,
+        "requests": reqs,
+        "requests_per_kick": reqs / max(1, stats.notifies - stats0.notifies),
+    }
