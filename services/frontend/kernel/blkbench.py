@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from services.frontend.kernel.kernel import Kernel
 
 
+def block_order(pattern: str, count: int, blocks: int, seed: int) -> list[int]:
+    """The block numbers the workload visits, in order (a baseline replays them)."""
+    if pattern == "random":
+        rng = random.Random(seed)
+        return [rng.randrange(blocks) for _ in range(count)]
+    return [i % blocks for i in range(count)]
+
+
 async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The ``block_raw`` workload on vCPU0; None elsewhere."""
     if k.cpu != 0:
@@ -49,11 +57,7 @@ async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
     if blocks == 0:
         return {"error": f"{dev.name} holds no block of {bs} bytes"}
     count = int(spec.get("count", 256))
-    rng = random.Random(int(spec.get("seed", 1)))
-    if spec.get("pattern", "seq") == "random":
-        order = [rng.randrange(blocks) for _ in range(count)]
-    else:
-        order = [i % blocks for i in range(count)]
+    order = block_order(str(spec.get("pattern", "seq")), count, blocks, int(spec.get("seed", 1)))
     data = os.urandom(bs)
     todo = iter(order)
     stats0 = dev.statistics()
