@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -37,6 +38,7 @@ from services.xenstore.client import XsClient, XsClientError, open_xs_client
 from services.xenstore.messages import host_secret as xs_secret
 from shared.abi import xs_wire
 from shared.abi.constants import XenbusState
+from shared.evtchn_dev import EvtchnDevice
 from shared.hostsecret import host_secret
 from shared.service import ServiceContext
 from shared.transport import ServiceError, open_channel
@@ -65,6 +67,7 @@ class BlkbackService:
         return {
             "counters": dict(self.counters),
             "hypercalls": self.hv.hypercalls if self.hv else 0,
+            "device_sends": self.hv.device_sends if self.hv else 0,
             "devices": {f"{k[0]}/{k[1]}": d.statistics() for k, d in self.devices.items()},
         }
 
@@ -80,27 +83,46 @@ class BlkbackService:
             await chan.wait_connected(timeout=CONNECT_TIMEOUT)
             self.hv = Dom0Hypervisor(chan)
             await self.hv.hello(host_secret(host.rundir))
-            async with (
-                open_xs_client(host.endpoint("xenstore"), 0, xs_secret(host.rundir)) as xs,
-                trio.open_nursery() as nursery,
-            ):
-                self.nursery = nursery
-                nursery.start_soon(self._events, chan)
-                await xs.watch(BACKEND_ROOT, "be")
-                task_status.started()
-                await self._watch_loop(xs)
+            device = await self.hv.open_device(host.rundir)
+            try:
+                async with (
+                    open_xs_client(host.endpoint("xenstore"), 0, xs_secret(host.rundir)) as xs,
+                    trio.open_nursery() as nursery,
+                ):
+                    self.nursery = nursery
+                    nursery.start_soon(self._events, chan)
+                    if device is not None:
+                        nursery.start_soon(self._device_events, device)
+                    await xs.watch(BACKEND_ROOT, "be")
+                    task_status.started()
+                    await self._watch_loop(xs)
+            finally:
+                if device is not None:
+                    device.close()
+
+    async def _device_events(self, device: EvtchnDevice) -> None:
+        """The ports that fired, read from our event-channel device."""
+        while True:
+            try:
+                ports = await device.receive()
+            except trio.ClosedResourceError:
+                return
+            self._fired(ports)
 
     async def _events(self, chan: Any) -> None:
         """``/dev/xen/evtchn``: the ports that fired, to their rings."""
         while True:
             msg = await chan.receive()
             if isinstance(msg, ctl.EvtchnNotify):
-                for port in msg.ports:
-                    vbd = self.ports.get(port)
-                    if vbd is not None and vbd.conn is not None:
-                        vbd.conn.kick()
-                    else:
-                        self.counters["stray_events"] += 1
+                self._fired(msg.ports)
+
+    def _fired(self, ports: Sequence[int]) -> None:
+        for port in ports:
+            vbd = self.ports.get(port)
+            if vbd is not None and vbd.conn is not None:
+                vbd.conn.kick()
+            else:
+                self.counters["stray_events"] += 1
 
     # --- xenstore --------------------------------------------------------------------
 

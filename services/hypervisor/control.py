@@ -193,3 +193,12 @@ class VcpuDoorbell:
     domain's RAM file, see :mod:`shared.doorbell`) rather than by nng message."""
 
     path: str
+
+
+@message(258)
+class Dom0EvtchnDevice:
+    """From a dom0 process: its event-channel device FIFOs (see
+    :mod:`shared.evtchn_dev`): fired ports to ``fired``, sends from ``send``."""
+
+    fired: str
+    send: str

@@ -22,6 +22,7 @@ import trio
 
 from services.hypervisor import control as ctl
 from services.hypervisor.callback import Callback, Via
+from services.hypervisor.dom0_device import DeviceCounters, Dom0Devices
 from services.hypervisor.domains_ctl import DomainControl, GuestRuntime
 from services.hypervisor.effects import ApicInterrupt, Block, DomainShutdown, Upcall, Wake
 from services.hypervisor.host import Host
@@ -75,7 +76,7 @@ _PORT_MAKING_OPS = {
 _KICKS = (Upcall, ApicInterrupt, Wake)
 
 
-class HypervisorService(DomainControl, TraceLog):
+class HypervisorService(DomainControl, TraceLog, Dom0Devices):
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.server = ctx.server
@@ -112,6 +113,8 @@ class HypervisorService(DomainControl, TraceLog):
         self.traces: dict[int, DomainTrace] = {}
         self.doorbells: dict[tuple[int, int], DoorbellWriter] = {}
         self.dom0_mappings: dict[Peer, set[int]] = {}
+        self.dom0_devices = {}
+        self.device_counters = DeviceCounters()
         self.released_mappings = 0
         self.kicks = self.kick_fallbacks = 0
         self.timer = TimerFd()
@@ -130,6 +133,7 @@ class HypervisorService(DomainControl, TraceLog):
         s.route(ctl.Dom0Hello, self.dom0_hello)
         s.route(ctl.VcpuHello, self.vcpu_hello)
         s.route(ctl.VcpuDoorbell, self.vcpu_doorbell)
+        s.route(ctl.Dom0EvtchnDevice, self.dom0_evtchn_device)
         s.route(ctl.CreateDomain, self.create_domain)
         s.route(ctl.DestroyDomain, self.destroy_domain)
         s.route(ctl.UnpauseDomain, self.unpause_domain)
@@ -147,6 +151,8 @@ class HypervisorService(DomainControl, TraceLog):
         """On the way out: no vCPU process, memory file or timer is left."""
         for domid in list(self.guests):
             await self._destroy(domid)
+        for peer in list(self.dom0_devices):
+            self._drop_device(peer)
         self.timer.close()
 
     def statistics(self) -> dict[str, Any]:
@@ -162,6 +168,7 @@ class HypervisorService(DomainControl, TraceLog):
             "doorbell_kicks": self.kicks,
             "released_mappings": self.released_mappings,
             "doorbell_fallbacks": self.kick_fallbacks,
+            "evtchn_devices": attrs.asdict(self.device_counters),
         }
 
     # --- identity ---------------------------------------------------------------------
@@ -228,6 +235,7 @@ class HypervisorService(DomainControl, TraceLog):
                 bell.close()
         for port in [p for p, owner in self.dom0_ports.items() if owner is peer]:
             del self.dom0_ports[port]
+        self._drop_device(peer)
         self._release_mappings(peer)
 
     def _caller(self, peer: Peer) -> tuple[int, int]:
@@ -414,7 +422,8 @@ class HypervisorService(DomainControl, TraceLog):
                     if owner is not None:
                         by_owner.setdefault(owner, []).append(port)
         for owner, ports in by_owner.items():
-            self.server.send_nowait(owner, ctl.EvtchnNotify(tuple(ports)))
+            if not self._device_kick(owner, ports):
+                self.server.send_nowait(owner, ctl.EvtchnNotify(tuple(ports)))
 
     # --- timers ---------------------------------------------------------------------------
 

@@ -174,10 +174,11 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 def remove_run_files(host: Host) -> list[Path]:
-    """Remove every socket file under the host's run dir, the pid file and the
+    """Remove every socket and FIFO under the host's run dir (a dom0 process
+    killed with SIGKILL leaves its event-channel device), the pid file and the
     host's guest RAM files in /dev/shm; keep the logs. Returns what it removed."""
     removed = []
-    candidates = [p for p in host.rundir.rglob("*") if _is_socket(p)]
+    candidates = [p for p in host.rundir.rglob("*") if _is_socket(p) or _is_fifo(p)]
     candidates += [pid_file(host), *shm_files(host)]
     for path in candidates:
         try:
@@ -186,6 +187,13 @@ def remove_run_files(host: Host) -> list[Path]:
             continue
         removed.append(path)
     return removed
+
+
+def _is_fifo(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def _is_socket(path: Path) -> bool:

@@ -83,7 +83,7 @@ def leftovers(test_host: ScratchHost) -> dict[str, list]:
     host = test_host.host
     return {
         "processes": _runfiles.processes_mentioning(str(test_host.path)),
-        "sockets": [p for p in host.rundir.rglob("*") if p.is_socket()]
+        "sockets": [p for p in host.rundir.rglob("*") if p.is_socket() or p.is_fifo()]
         if host.rundir.exists()
         else [],
         "pid_file": [p for p in [_runfiles.pid_file(host)] if p.exists()],
