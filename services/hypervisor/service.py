@@ -24,9 +24,10 @@ from services.hypervisor import control as ctl
 from services.hypervisor.callback import Callback, Via
 from services.hypervisor.dom0_device import DeviceCounters, Dom0Devices
 from services.hypervisor.domains_ctl import DomainControl, GuestRuntime
-from services.hypervisor.effects import ApicInterrupt, Block, DomainShutdown, Upcall, Wake
+from services.hypervisor.effects import Block
 from services.hypervisor.host import Host
 from services.hypervisor.hypercalls import Dispatcher
+from services.hypervisor.kicks import Kicks
 from services.hypervisor.lapic import APIC
 from services.hypervisor.messages import (
     HYPERCALL_MESSAGES,
@@ -44,7 +45,6 @@ from services.hypervisor.trace import DomainTrace, TraceLog
 from services.hypervisor.vcpus import VcpuProcesses
 from shared.abi import grant as gt
 from shared.abi import hypercall as hc
-from shared.abi import sharedinfo as si
 from shared.abi.constants import (
     EVTCHNOP,
     HVM_PARAM,
@@ -54,8 +54,7 @@ from shared.abi.constants import (
     XenErrno,
     xen_error,
 )
-from shared.doorbell import APIC as APIC_KICK
-from shared.doorbell import EOI, NMI, UPCALL, DoorbellWriter, bell_path
+from shared.doorbell import DoorbellWriter, bell_path
 from shared.hostsecret import host_secret
 from shared.service import ServiceContext
 from shared.timerfd import TimerFd
@@ -73,10 +72,7 @@ _PORT_MAKING_OPS = {
 }
 
 
-_KICKS = (Upcall, ApicInterrupt, Wake)
-
-
-class HypervisorService(DomainControl, TraceLog, Dom0Devices):
+class HypervisorService(DomainControl, TraceLog, Dom0Devices, Kicks):
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.server = ctx.server
@@ -369,61 +365,6 @@ class HypervisorService(DomainControl, TraceLog, Dom0Devices):
             self._etimes[domid, vcpu] += 1
             return HypercallResult(xen_error(XenErrno.ETIME), b"")
         return None
-
-    # --- effects ------------------------------------------------------------------------
-
-    def _deliver(self, effects: Any) -> None:
-        for e in effects:
-            if isinstance(e, _KICKS):
-                key = (e.domid, e.vcpu)
-                waiter = self.waiters.pop(key, None)
-                if waiter is not None:
-                    waiter.set()
-                if isinstance(e, Wake):
-                    continue
-                if e.domid == 0:
-                    self._dom0_upcall()
-                    continue
-                bell = self.doorbells.get(key)
-                if bell is not None:
-                    if isinstance(e, Upcall):
-                        rung = bell.ring(UPCALL, e.vector, EOI if e.eoi else 0)
-                    else:
-                        rung = bell.ring(
-                            APIC_KICK, e.vector, (NMI if e.nmi else 0) | (0 if e.nmi else EOI)
-                        )
-                    if rung:
-                        self.kicks += 1
-                        continue
-                    self.kick_fallbacks += 1
-                peer = self.vcpu_peers.get(key)
-                if peer is not None:
-                    self.server.send_nowait(peer, e)
-            elif isinstance(e, DomainShutdown):
-                self.shutdowns.append((e.domid, e.reason))
-
-    def _dom0_upcall(self) -> None:
-        """Dom0 is many processes: take its pending ports off its shared page
-        (as its kernel's upcall handler would) and tell each owner, like
-        ``/dev/xen/evtchn`` does."""
-        page, vcpu_off = self.core.evtchn.vcpu_info(0, 0)
-        si.set_upcall_pending(page, vcpu_off, False)
-        sel = si.take_pending_sel(page, vcpu_off)
-        by_owner: dict[Peer, list[int]] = {}
-        for word in range(64):
-            if not sel >> word & 1:
-                continue
-            bits = si.pending_word(page, word)
-            for bit in range(64):
-                if bits >> bit & 1:
-                    port = word * 64 + bit
-                    si.evtchn_clear_pending(page, port)
-                    owner = self.dom0_ports.get(port)
-                    if owner is not None:
-                        by_owner.setdefault(owner, []).append(port)
-        for owner, ports in by_owner.items():
-            if not self._device_kick(owner, ports):
-                self.server.send_nowait(owner, ctl.EvtchnNotify(tuple(ports)))
 
     # --- timers ---------------------------------------------------------------------------
 
