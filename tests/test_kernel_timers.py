@@ -15,7 +15,9 @@ from shared.abi.constants import VCPU_SSHOTTMR_future
 from shared.transport import RemoteError
 
 V = 4
-LATE_BOUND_NS = 5_000_000  # slop is 100 µs; a loaded 2-core test machine needs room
+# slop is 100 µs, but a loaded 2-core machine has been seen to hold every
+# process off for 8-100 ms at once
+LATE_BOUND_NS = 50_000_000
 
 
 async def _fired(g, vcpu: int, n: int, timeout: float = 5) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -34,17 +36,18 @@ async def test_singleshot_semantics() -> None:
             t = (await g.ask(2, KernelCallout(1, 30_000_000))).value
             (f,) = await _fired(g, 2, 1)
             assert f["cid"] == 1 and 0 <= f["fired_at"] - t < LATE_BOUND_NS
-            # re-arm for T2 before T: one firing, at >= T2
-            await g.ask(2, KernelCallout(2, 30_000_000))
-            t2 = (await g.ask(2, KernelCallout(2, 60_000_000))).value
+            # re-arm for T2 before T: one firing, at >= T2 (T is far enough off
+            # that the re-arm gets there first even on a loaded machine)
+            await g.ask(2, KernelCallout(2, 300_000_000))
+            t2 = (await g.ask(2, KernelCallout(2, 400_000_000))).value
             fired = await _fired(g, 2, 2)
-            await trio.sleep(0.1)
+            await trio.sleep(0.35)
             fired = g.report(2)["test_callouts"]
             assert [x["cid"] for x in fired] == [1, 2] and fired[1]["fired_at"] >= t2
-            # stop before T: no firing
-            await g.ask(2, KernelCallout(3, 30_000_000))
+            # stop before T: no firing, even well after T
+            await g.ask(2, KernelCallout(3, 300_000_000))
             await g.ask(2, KernelCallout(3, stop=True))
-            await trio.sleep(0.1)
+            await trio.sleep(0.45)
             assert len(g.report(2)["test_callouts"]) == 2
             trace = await g.trace()
             arms = named(trace, "set_singleshot_timer")
@@ -143,7 +146,7 @@ async def test_periodic_timer_stopped_before_work_and_no_spurious_ticks() -> Non
     """Scenario 12: stop_periodic_timer(i) on every vCPU i precedes its first
     singleshot arm and the start of the workloads; an idle guest then takes
     no timer upcalls at all."""
-    with trio.fail_after(60):
+    with trio.fail_after(100):  # boot (40 s) and reports (45 s) on a loaded machine
         async with kernel_host() as hv:
             work = [{"kind": "callouts", "count": 3, "min_us": 500, "max_us": 2000}]
             g = await boot_guest(hv, "xen", vcpus=V, workloads=work)
