@@ -13,7 +13,7 @@ one ``pwritev``/``preadv`` between those pages and the image's page cache.
 
 Metrics (each against its baseline in this run, on the same file):
 
-- sequential 1 MiB writes, then reads, 4 in flight, against ``os.pwrite`` /
+- sequential 1 MiB writes, then reads, 8 in flight, against ``os.pwrite`` /
   ``os.pread`` of 1 MiB by one process (floor 0.4x, goal 0.7x);
 - 4 KiB random reads at queue depth 32 against 4 KiB ``os.pread`` at the
   same offsets (floor 0.1x, goal 0.4x);
@@ -46,7 +46,7 @@ MIB = 1 << 20
 PAGE = 4096
 SIZE = 128 * MIB
 DEVID = 51712  # xvda
-SEQ_DEPTH = 4
+SEQ_DEPTH = 8
 RAND_DEPTH = 32
 SERVICES = ("hypervisor", "xenstore", "blkback")
 DRIVER = 'xenbus_drivers = {"vbd": "services.frontend.kernel.blkfront:Blkfront"}'

@@ -27,7 +27,13 @@ from shared.abi.constants import EVTCHNOP
 from shared.evtchn_dev import EvtchnDevice
 from shared.transport import Channel
 
-MAX_PERSISTENT_GRANTS = 1056  # Linux blkback's default (xen_blkif_max_pgrants)
+# Linux blkback keeps at most 1056 persistent grants per ring by default
+# (xen_blkif_max_pgrants, a module parameter), sized for requests of few
+# segments. Our blkfront puts a 1 MiB block in one request of 256 segments plus
+# an indirect page, so 1056 holds only 4 such requests and a 5th in flight is
+# mapped and unmapped per request (~1.3 ms of hypervisor time each). Room for
+# 16 of them instead:
+MAX_PERSISTENT_GRANTS = 16 * (256 + 1)
 HYPERCALL_TIMEOUT = 10.0
 
 

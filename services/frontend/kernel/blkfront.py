@@ -179,7 +179,7 @@ class BlockDevice:
         core.pump()
         self._complete(core.take_completions())
         if core.push() and self.port:
-            await self.k.evtchn_op(EVTCHNOP.send, hc.EvtchnSend(self.port))
+            await self.k.notify_via_evtchn(self.port)
 
     async def on_event(self, port: int) -> None:
         """The port's interrupt handler (``blkif_interrupt``)."""

@@ -112,6 +112,16 @@ class Kernel:
         self.exits[type(msg).__name__] += 1
         return await self.hv.call(msg, timeout=30)
 
+    async def notify_via_evtchn(self, port: int) -> None:
+        """``notify_remote_via_evtchn``: an ``EVTCHNOP_send`` whose result no
+        caller reads, posted: the vCPU carries on without the reply (a round
+        trip here, not a microsecond). The hypervisor takes a vCPU's hypercalls
+        in order, so none made later can overtake it."""
+        if self.parked:
+            await self.unparked.wait()
+        self.exits["EventChannelOp"] += 1
+        await self.hv.send(EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(port).pack()))
+
     async def evtchn_op(self, cmd: int, record: Any) -> tuple[int, Any]:
         res = await self.call(EventChannelOp(cmd, record.pack()))
         return res.value, (type(record).unpack(res.data) if res.value >= 0 and res.data else None)
@@ -216,7 +226,7 @@ class Kernel:
         if self.platform.pv_ipi:
             for t in tgts:
                 port = self.mem.ipi_ports(t)[kind] if t != self.cpu else self._my_port(kind)
-                await self.call(EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(port).pack()))
+                await self.notify_via_evtchn(port)
             return
         if kind is IPI.STOP_HARD:
             icr = ipis.icr_nmi
