@@ -25,6 +25,7 @@ Rules a reviewer checks here (xen-reference 3, 4.3, 6; guest-behaviour A.4, B.5)
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Sequence
 
 import attrs
@@ -203,7 +204,7 @@ class BlkfrontCore:
             return False
         if op != bi.BlkifOp.READ:
             self._copy_in(part, pages)
-        data_refs = [r for _, r in pages]
+        data_refs = list(map(_REF, pages))
         if ind:
             contents = rq.indirect_contents(part.nsectors, data_refs)
             for (gfn, _), raw in zip(ind, contents, strict=True):
@@ -332,7 +333,9 @@ class BlkfrontCore:
         self._release_pages(list(entry.pages), persistent=self._persistent)
 
     def _release_pages(self, pages: list[tuple[int, int]], persistent: bool) -> None:
-        if persistent and self.persistent_all.keys() >= set(pages):
+        # A request's pages are all persistent or none is: _data_pages takes them
+        # all from the pool, and the pool is only added to or emptied whole.
+        if persistent and pages and pages[0] in self.persistent_all:
             self.persistent_free += pages
             return
         for gfn, ref in pages:
@@ -435,12 +438,15 @@ class BlkfrontCore:
         return core
 
 
+_GFN, _REF = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def _one_run(pages: Sequence[tuple[int, int]]) -> int | None:
     """The byte address of ``pages`` when their frames follow one another in
     guest RAM (one copy moves them all), else None."""
     if not pages:
         return None
     first, last = pages[0][0], pages[-1][0]
-    if last - first != len(pages) - 1 or [g for g, _ in pages] != list(range(first, last + 1)):
+    if last - first != len(pages) - 1 or list(map(_GFN, pages)) != list(range(first, last + 1)):
         return None
     return first * PAGE_SIZE
