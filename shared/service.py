@@ -128,4 +128,19 @@ def main(name: str, setup: Setup | None = None, argv: list[str] | None = None) -
         topo = topology.load(args.topology)
     except topology.TopologyError as exc:
         sys.exit(f"{name}: {exc}")
-    trio.run(run, name, topo, args.host, setup)
+    where = os.environ.get(PROFILE_ENV)
+    if not where:
+        trio.run(run, name, topo, args.host, setup)
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(trio.run, run, name, topo, args.host, setup)
+    finally:
+        prof.dump_stats(os.path.join(where, f"{name}.prof"))
+
+
+#: ``DOMSPLIT_SERVICE_PROFILE=<dir>``: run the service under cProfile and write
+#: ``<dir>/<service>.prof`` when it stops (SIGTERM, ``host down``).
+PROFILE_ENV = "DOMSPLIT_SERVICE_PROFILE"
