@@ -480,7 +480,7 @@ def test_indirect_pages_hold_the_same_segments_as_segment_records(nsectors: int)
 
 
 def test_one_run_is_only_consecutive_frames() -> None:
-    from services.frontend.kernel.blkfront_core import _one_run
+    from services.frontend.kernel.blkfront_pages import _one_run
 
     assert _one_run([(5, 1), (6, 9), (7, 2)]) == 5 * PAGE_SIZE
     assert _one_run([(5, 1), (7, 9), (7, 2)]) is None  # ends fit, middle does not

@@ -25,13 +25,12 @@ Rules a reviewer checks here (xen-reference 3, 4.3, 6; guest-behaviour A.4, B.5)
 from __future__ import annotations
 
 import collections
-import operator
-from collections.abc import Sequence
 
 import attrs
 
 from services.frontend.kernel import blkfront_request as rq
 from services.frontend.kernel.blkfront_gnttab import GrantTable, PagePool
+from services.frontend.kernel.blkfront_pages import REF, GrantedPages
 from services.frontend.kernel.blkfront_request import Plan
 from services.frontend.kernel.blkfront_state import (
     BackendInfo,
@@ -59,7 +58,7 @@ class Completion:
     data: bytes = b""
 
 
-class BlkfrontCore:
+class BlkfrontCore(GrantedPages):
     """One vbd's queue, shadow and ring (FreeBSD ``xbd_softc``, Linux ``blkfront_info``)."""
 
     def __init__(
@@ -204,7 +203,7 @@ class BlkfrontCore:
             return False
         if op != bi.BlkifOp.READ:
             self._copy_in(part, pages)
-        data_refs = list(map(_REF, pages))
+        data_refs = list(map(REF, pages))
         if ind:
             contents = rq.indirect_contents(part.nsectors, data_refs)
             for (gfn, _), raw in zip(ind, contents, strict=True):
@@ -296,90 +295,6 @@ class BlkfrontCore:
         self.completions.append(Completion(bio.id, bio.kind, bio.status, data))
         self.stats["bios_done"] += 1
 
-    # --- pages and grants ---------------------------------------------------------------
-    @property
-    def _persistent(self) -> bool:
-        return self.backend.persistent
-
-    def _data_pages(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
-        if not self._persistent:
-            return self._grant_fresh(n, readonly)
-        while len(self.persistent_free) < n:
-            more = self._grant_fresh(1, readonly=False)
-            if more is None:
-                return None
-            self.persistent_all.update(dict.fromkeys(more))
-            self.persistent_free += more
-        if n == 0:
-            return []
-        out = self.persistent_free[-n:]  # the pages freed last, often one run of frames
-        del self.persistent_free[-n:]
-        return out
-
-    def _grant_fresh(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
-        if n == 0:
-            return []
-        if self.grants.available < n:
-            return None
-        gfns = self.pool.alloc(n)
-        if gfns is None:
-            return None
-        return [(g, self.grants.grant(self.backend_domid, g, readonly)) for g in gfns]
-
-    def _release(self, entry: ShadowEntry) -> None:
-        # indirect pages first: the data pages end the free list, one run of
-        # frames that the next request of the same size takes whole
-        self._release_pages(list(entry.indirect_pages), persistent=self._persistent)
-        self._release_pages(list(entry.pages), persistent=self._persistent)
-
-    def _release_pages(self, pages: list[tuple[int, int]], persistent: bool) -> None:
-        # A request's pages are all persistent or none is: _data_pages takes them
-        # all from the pool, and the pool is only added to or emptied whole.
-        if persistent and pages and pages[0] in self.persistent_all:
-            self.persistent_free += pages
-            return
-        for gfn, ref in pages:
-            self._revoke(gfn, ref)
-
-    def _revoke(self, gfn: int, ref: int) -> None:
-        if self.grants.end(ref):
-            self.pool.free([gfn])
-        else:
-            self.pool.leak([gfn])
-            self.stats["leaked_grants"] += 1
-
-    def _copy_in(self, part: Part, pages: list[tuple[int, int]]) -> None:
-        data = self.bios[part.bio].data
-        left = part.nsectors * rq.SECTOR
-        at = part.offset
-        if (start := _one_run(pages)) is not None:  # consecutive frames: one copy
-            self.ram[start : start + left] = data[at : at + left]
-            return
-        for gfn, _ in pages:
-            n = min(PAGE_SIZE, left)
-            self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + n] = data[at : at + n]
-            at, left = at + n, left - n
-
-    def _copy_out(self, entry: ShadowEntry) -> None:
-        part = entry.part
-        left = part.nsectors * rq.SECTOR
-        at = part.offset
-        start = _one_run(entry.pages)
-        if start is not None and at == 0 and part.nsectors == self.bios[part.bio].nsectors:
-            self._reads[part.bio] = bytes(self.ram[start : start + left])  # the whole bio
-            return
-        size = self.bios[part.bio].nsectors * rq.SECTOR
-        buf = self._reads.get(part.bio)
-        if not isinstance(buf, bytearray) or len(buf) != size:
-            buf = self._reads[part.bio] = bytearray(size)
-        if start is not None:  # consecutive frames: one copy
-            buf[at : at + left] = self.ram[start : start + left]
-            return
-        for gfn, _ in entry.pages:
-            n = min(PAGE_SIZE, left)
-            buf[at : at + n] = self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + n]
-            at, left = at + n, left - n
-
     # --- state --------------------------------------------------------------------------
     def statistics(self) -> BlkfrontStats:
         return BlkfrontStats(**{f.name: self.stats[f.name] for f in attrs.fields(BlkfrontStats)})
@@ -436,17 +351,3 @@ class BlkfrontCore:
         core.stats.update(attrs.asdict(state.stats))
         core.disconnect()
         return core
-
-
-_GFN, _REF = operator.itemgetter(0), operator.itemgetter(1)
-
-
-def _one_run(pages: Sequence[tuple[int, int]]) -> int | None:
-    """The byte address of ``pages`` when their frames follow one another in
-    guest RAM (one copy moves them all), else None."""
-    if not pages:
-        return None
-    first, last = pages[0][0], pages[-1][0]
-    if last - first != len(pages) - 1 or list(map(_GFN, pages)) != list(range(first, last + 1)):
-        return None
-    return first * PAGE_SIZE

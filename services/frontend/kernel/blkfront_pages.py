@@ -1,0 +1,125 @@
+"""blkfront's data pages: grants (persistent where the backend offers them,
+as Linux keeps its grant pool), and the copies between the caller's buffers
+and the granted pages. A mixin of :class:`~.blkfront_core.BlkfrontCore`."""
+
+from __future__ import annotations
+
+import collections
+import operator
+from collections.abc import Sequence
+
+from services.frontend.kernel import blkfront_request as rq
+from services.frontend.kernel.blkfront_gnttab import GrantTable, PagePool
+from services.frontend.kernel.blkfront_state import BackendInfo, BioRecord, Part, ShadowEntry
+from shared.abi.ring import PAGE_SIZE
+
+GFN, REF = operator.itemgetter(0), operator.itemgetter(1)
+
+
+class GrantedPages:
+    """Pages and grants; ``self`` is the core."""
+
+    grants: GrantTable
+    pool: PagePool
+    ram: memoryview
+    backend: BackendInfo
+    backend_domid: int
+    bios: dict[int, BioRecord]
+    _reads: dict[int, bytes | bytearray]
+    persistent_free: list[tuple[int, int]]
+    persistent_all: dict[tuple[int, int], None]
+    stats: collections.Counter[str]
+
+    @property
+    def _persistent(self) -> bool:
+        return self.backend.persistent
+
+    def _data_pages(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
+        if not self._persistent:
+            return self._grant_fresh(n, readonly)
+        while len(self.persistent_free) < n:
+            more = self._grant_fresh(1, readonly=False)
+            if more is None:
+                return None
+            self.persistent_all.update(dict.fromkeys(more))
+            self.persistent_free += more
+        if n == 0:
+            return []
+        out = self.persistent_free[-n:]  # the pages freed last, often one run of frames
+        del self.persistent_free[-n:]
+        return out
+
+    def _grant_fresh(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
+        if n == 0:
+            return []
+        if self.grants.available < n:
+            return None
+        gfns = self.pool.alloc(n)
+        if gfns is None:
+            return None
+        return [(g, self.grants.grant(self.backend_domid, g, readonly)) for g in gfns]
+
+    def _release(self, entry: ShadowEntry) -> None:
+        # indirect pages first: the data pages end the free list, one run of
+        # frames that the next request of the same size takes whole
+        self._release_pages(list(entry.indirect_pages), persistent=self._persistent)
+        self._release_pages(list(entry.pages), persistent=self._persistent)
+
+    def _release_pages(self, pages: list[tuple[int, int]], persistent: bool) -> None:
+        # A request's pages are all persistent or none is: _data_pages takes them
+        # all from the pool, and the pool is only added to or emptied whole.
+        if persistent and pages and pages[0] in self.persistent_all:
+            self.persistent_free += pages
+            return
+        for gfn, ref in pages:
+            self._revoke(gfn, ref)
+
+    def _revoke(self, gfn: int, ref: int) -> None:
+        if self.grants.end(ref):
+            self.pool.free([gfn])
+        else:
+            self.pool.leak([gfn])
+            self.stats["leaked_grants"] += 1
+
+    def _copy_in(self, part: Part, pages: list[tuple[int, int]]) -> None:
+        data = self.bios[part.bio].data
+        left = part.nsectors * rq.SECTOR
+        at = part.offset
+        if (start := _one_run(pages)) is not None:  # consecutive frames: one copy
+            self.ram[start : start + left] = data[at : at + left]
+            return
+        for gfn, _ in pages:
+            n = min(PAGE_SIZE, left)
+            self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + n] = data[at : at + n]
+            at, left = at + n, left - n
+
+    def _copy_out(self, entry: ShadowEntry) -> None:
+        part = entry.part
+        left = part.nsectors * rq.SECTOR
+        at = part.offset
+        start = _one_run(entry.pages)
+        if start is not None and at == 0 and part.nsectors == self.bios[part.bio].nsectors:
+            self._reads[part.bio] = bytes(self.ram[start : start + left])  # the whole bio
+            return
+        size = self.bios[part.bio].nsectors * rq.SECTOR
+        buf = self._reads.get(part.bio)
+        if not isinstance(buf, bytearray) or len(buf) != size:
+            buf = self._reads[part.bio] = bytearray(size)
+        if start is not None:  # consecutive frames: one copy
+            buf[at : at + left] = self.ram[start : start + left]
+            return
+        for gfn, _ in entry.pages:
+            n = min(PAGE_SIZE, left)
+            buf[at : at + n] = self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + n]
+            at, left = at + n, left - n
+
+
+def _one_run(pages: Sequence[tuple[int, int]]) -> int | None:
+    """The byte address of ``pages`` when their frames follow one another in
+    guest RAM (one copy moves them all), else None."""
+    if not pages:
+        return None
+    first, last = pages[0][0], pages[-1][0]
+    if last - first != len(pages) - 1 or list(map(GFN, pages)) != list(range(first, last + 1)):
+        return None
+    return first * PAGE_SIZE
