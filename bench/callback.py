@@ -51,8 +51,8 @@ async def measure(quick: bool) -> dict[str, float]:
                     sent += await src.blast(
                         rounds=20, gap=0.0, parallel=SENDERS_PER_PORT, oneway=ONEWAY
                     )
-            await trio.sleep(0.3)  # the last reports land
             elapsed = time.monotonic() - t0
+            await trio.sleep(0.7)  # the last reports land (counters: every 0.5 s)
             handled = _handled(g) - start_count
             out[label] = handled / elapsed
             reps = g.reports()
