@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from services.frontend.kernel.blkfront import wait_device
+from services.frontend.kernel.blkfront import workload_device
 from shared.abi.blkif import SECTOR_SIZE
 
 if TYPE_CHECKING:
@@ -41,11 +41,10 @@ async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The ``block_raw`` workload on vCPU0; None elsewhere."""
     if k.cpu != 0:
         return None
+    dev = await workload_device(k, spec)
+    if isinstance(dev, str):
+        return {"error": dev}
     timeout = float(spec.get("timeout", 60))
-    try:
-        dev = await wait_device(k, str(spec.get("vdev", "xvda")), timeout)
-    except trio.TooSlowError:
-        return {"error": f"no connected {spec.get('vdev', 'xvda')} after {timeout:g} s"}
     bs = int(spec.get("bs", 1 << 20))
     if bs <= 0 or bs % SECTOR_SIZE:
         return {"error": f"bs {bs} is not a positive multiple of {SECTOR_SIZE}"}

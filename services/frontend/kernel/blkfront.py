@@ -213,6 +213,16 @@ async def wait_device(k: Kernel, name: str, timeout: float) -> BlockDevice:
     return dev
 
 
+async def workload_device(k: Kernel, spec: dict[str, Any]) -> BlockDevice | str:
+    """The device a block workload's spec names (``vdev``, default xvda) once
+    connected, or the error to report after its ``timeout`` (default 60 s)."""
+    name, timeout = str(spec.get("vdev", "xvda")), float(spec.get("timeout", 60))
+    try:
+        return await wait_device(k, name, timeout)
+    except trio.TooSlowError:
+        return f"no connected {name} after {timeout:g} s"
+
+
 def port_handlers(k: Kernel) -> dict[int, PortHandler]:
     """The kernel's per-port interrupt handlers. Until the kernel's ``dispatch``
     consults ``k.port_handlers`` itself, the instance's dispatch is wrapped."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from services.frontend.kernel.blkfront import BlockIOError, wait_device
+from services.frontend.kernel.blkfront import BlockIOError, workload_device
 
 if TYPE_CHECKING:
     from services.frontend.kernel.kernel import Kernel
@@ -162,11 +162,10 @@ async def run(k: Kernel, spec: dict[str, Any]) -> dict[str, Any] | None:
     """The ``block`` workload on vCPU0; None elsewhere."""
     if k.cpu != 0:
         return None
+    dev = await workload_device(k, spec)
+    if isinstance(dev, str):
+        return {"error": dev}
     timeout = float(spec.get("timeout", 60))
-    try:
-        dev = await wait_device(k, str(spec.get("vdev", "xvda")), timeout)
-    except trio.TooSlowError:
-        return {"error": f"no connected {spec.get('vdev', 'xvda')} after {timeout:g} s"}
     plan = Plan.of(spec, dev.sectors)
     verifier = Verifier(tag=plan.seed)
     state = _Run(plan, verifier)
