@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from services.backend.blkback_grants import Dom0Hypervisor
 from services.frontend import puppet as pp
 from services.hypervisor import control as ctl
 from services.hypervisor.testbed import dom0_evtchn, hypervisor_host
@@ -126,3 +127,16 @@ async def test_a_device_must_be_dom0s_fifos_in_the_run_dir(where: str, tmp_path:
                 assert (await hv.status()).stats["hypervisor"]["evtchn_devices"]["devices"] == 0
             finally:
                 dev.close()
+
+
+async def test_blkback_falls_back_to_nng_when_the_device_is_refused(tmp_path: Path) -> None:
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a, guest_port, our_port = await _bound_pair(hv)
+            d0 = Dom0Hypervisor(hv.dom0)
+            assert await d0.open_device(tmp_path) is None  # not the host's run directory
+            assert list(tmp_path.iterdir()) == []  # its FIFOs went with the refusal
+            await d0.notify(our_port)
+            seen = await a.vcpus[0].wait_upcalls(1)
+            assert [u.ports for u in seen] == [(guest_port,)]
+            assert (d0.hypercalls, d0.device_sends) == (1, 0)

@@ -25,7 +25,7 @@ from shared.abi import grant as gt
 from shared.abi import hypercall as hc
 from shared.abi.constants import EVTCHNOP
 from shared.evtchn_dev import EvtchnDevice
-from shared.transport import Channel
+from shared.transport import CallTimeout, Channel, PeerLost, RemoteError
 
 # Linux blkback keeps at most 1056 persistent grants per ring by default
 # (xen_blkif_max_pgrants, a module parameter), sized for requests of few
@@ -75,7 +75,7 @@ class Dom0Hypervisor:
                 ctl.Dom0EvtchnDevice(str(dev.fired_path), str(dev.send_path)),
                 timeout=HYPERCALL_TIMEOUT,
             )
-        except Exception:
+        except (RemoteError, CallTimeout, PeerLost):
             dev.close()
             return None
         self.device = dev
