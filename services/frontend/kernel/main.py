@@ -249,4 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     keep_large_buffers()
     where = os.environ.get(PROFILE_ENV)
-    trio.run(_profiled, args, where) if where else trio.run(run, args)
+    if where:
+        trio.run(_profiled, args, where)
+    else:
+        trio.run(run, args)
