@@ -486,3 +486,14 @@ def test_one_run_is_only_consecutive_frames() -> None:
     assert _one_run([(5, 1), (7, 9), (7, 2)]) is None  # ends fit, middle does not
     assert _one_run([(5, 1), (4, 9)]) is None
     assert _one_run([]) is None
+
+
+@pytest.mark.parametrize("nsectors", [1, 7, 8, 9, 64, 88])
+def test_direct_slots_are_the_request_records_bytes(nsectors: int) -> None:
+    from services.frontend.kernel import blkfront_request as rq
+
+    refs = [700 + k for k in range(rq.pages_for(nsectors))]
+    want = bi.BlkifRequest.of(
+        bi.BlkifOp.WRITE, 51712, 9, 12345, tuple(rq.segments(nsectors, refs))
+    ).encode()
+    assert rq.direct_slot(bi.BlkifOp.WRITE, 51712, 9, 12345, nsectors, refs) == want

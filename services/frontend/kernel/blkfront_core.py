@@ -283,16 +283,14 @@ class BlkfrontCore(GrantedPages):
 
     def _part_done(self, part: Part, status: int) -> None:
         bio = self.bios[part.bio]
-        bio = attrs.evolve(
-            bio, parts=bio.parts - 1, status=bio.status if bio.status != OKAY else status
-        )
-        if bio.parts > 0:
-            self.bios[part.bio] = bio
+        final = bio.status if bio.status != OKAY else status  # the first error sticks
+        if bio.parts > 1:
+            self.bios[part.bio] = attrs.evolve(bio, parts=bio.parts - 1, status=final)
             return
         del self.bios[part.bio]
         data = self._reads.pop(part.bio, b"")
-        data = bytes(data) if bio.status == OKAY else b""
-        self.completions.append(Completion(bio.id, bio.kind, bio.status, data))
+        data = bytes(data) if final == OKAY else b""
+        self.completions.append(Completion(bio.id, bio.kind, final, data))
         self.stats["bios_done"] += 1
 
     # --- state --------------------------------------------------------------------------

@@ -123,8 +123,25 @@ def encode(
         n = len(data_refs)
         req = bi.BlkifRequestIndirect(op, n, rid, part.sector, handle, tuple(indirect_refs))
         return req.encode()
-    segs = segments(part.nsectors, data_refs)
-    return bi.BlkifRequest.of(op, handle, rid, part.sector, tuple(segs)).encode()
+    return direct_slot(op, handle, rid, part.sector, part.nsectors, data_refs)
+
+
+def direct_slot(
+    op: int, handle: int, rid: int, sector: int, nsectors: int, refs: list[int]
+) -> bytes:
+    """The ring slot of a request with its :func:`segments` in the slot, packed
+    in one ``struct`` call (the same bytes as ``BlkifRequest.encode``)."""
+    n = len(refs)
+    fields = [0] * (3 * bi.BLKIF_MAX_SEGMENTS_PER_REQUEST)
+    fields[0 : 3 * n : 3] = refs
+    fields[2 : 3 * n : 3] = [SECTORS_PER_PAGE - 1] * n
+    if n:
+        fields[3 * n - 1] = (nsectors - 1) % SECTORS_PER_PAGE  # the last page may be partial
+    slot = _REQUEST.pack(op, n, handle, rid, sector, *fields)
+    return slot.ljust(bi.REQUEST.size, b"\0")
+
+
+_REQUEST = bi.REQUEST.struct
 
 
 @functools.cache
