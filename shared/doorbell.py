@@ -28,6 +28,19 @@ UPCALL, APIC = 1, 2
 EOI, NMI = 1, 2
 
 
+async def read_records(fd: int, rest: bytes, size: int) -> tuple[bytes, bytes]:
+    """Wait for and read a non-blocking FIFO of ``size``-byte records:
+    ``(whole records, the torn tail to prepend next time)``."""
+    while True:
+        try:
+            data = rest + os.read(fd, 4096)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+            continue
+        whole = len(data) - len(data) % size
+        return data[:whole], data[whole:]
+
+
 def bell_path(memory_path: str | Path, vcpu: int) -> Path:
     """Next to the domain's RAM file (so a host's clean-up finds it)."""
     return Path(f"{memory_path}-vcpu{vcpu}.bell")
@@ -47,16 +60,8 @@ class DoorbellReader:
 
     async def receive(self) -> list[tuple[int, int, int]]:
         """The next batch of ``(kind, vector, flags)`` records."""
-        while True:
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
-            data = self._buf + data
-            whole = len(data) - len(data) % RECORD.size
-            self._buf = data[whole:]
-            return [RECORD.unpack_from(data, i)[:3] for i in range(0, whole, RECORD.size)]
+        data, self._buf = await read_records(self.fd, self._buf, RECORD.size)
+        return [RECORD.unpack_from(data, i)[:3] for i in range(0, len(data), RECORD.size)]
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import trio
 
+from shared.doorbell import read_records
+
 PORT = struct.Struct("<I")
 PIPE_BUF = 4096
 FIRED, SEND = ".fired", ".send"
@@ -68,18 +70,10 @@ class PortReader:
 
     async def receive(self) -> list[int]:
         """The next batch of ports; raises ``trio.ClosedResourceError`` once closed."""
-        while True:
-            if self.fd < 0:
-                raise trio.ClosedResourceError
-            try:
-                data = os.read(self.fd, PIPE_BUF)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
-            data = self._rest + data
-            whole = len(data) - len(data) % PORT.size
-            self._rest = data[whole:]
-            return [p for (p,) in PORT.iter_unpack(data[:whole])]
+        if self.fd < 0:
+            raise trio.ClosedResourceError
+        data, self._rest = await read_records(self.fd, self._rest, PORT.size)
+        return [p for (p,) in PORT.iter_unpack(data)]
 
     def close(self) -> None:
         if self.fd >= 0:
