@@ -55,6 +55,15 @@ class OrderingQueue:
             self.fences += 1
         return seq
 
+    def skip(self) -> int:
+        """A sequence number for a request that runs to completion at once,
+        never queued: only while nothing is queued (nothing to order against)."""
+        if self._entries:
+            raise RuntimeError("a request may only bypass an empty queue")
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
     def startable(self) -> list[int]:
         """Sequence numbers that may start now (marked started), in ring order."""
         out: list[int] = []

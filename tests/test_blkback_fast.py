@@ -1,0 +1,134 @@
+"""blkback's fast path recogniser agrees with the general checks: it takes
+only requests the general path would accept with the same plan, and passes
+every refusal on (where it is refused and counted)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.backend.blkback_fast import fast_request, whole_page_sectors
+from services.backend.blkback_order import OrderingQueue
+from services.backend.blkback_request import DeviceLimits, Kind, admit_and_plan
+from shared.abi.blkif import (
+    BlkifOp,
+    BlkifProtocolError,
+    BlkifRequest,
+    BlkifRequestIndirect,
+    Segment,
+)
+from tests.test_blkback_core import DISK, EMPTY, REFUSALS, RO
+
+OP = BlkifOp
+
+
+def rw(op: int, sector: int, *segs: tuple[int, int, int]) -> bytes:
+    return BlkifRequest.of(op, 0, 7, sector, tuple(Segment(*s) for s in segs)).encode()
+
+
+@pytest.mark.parametrize(
+    ("why", "slot", "limits", "_status"), REFUSALS, ids=[r[0] for r in REFUSALS]
+)
+def test_every_refusal_goes_to_the_general_path(
+    why: str, slot: bytes, limits: object, _status: int
+) -> None:
+    assert fast_request(slot.ljust(112, b"\0"), limits) is None  # type: ignore[arg-type]
+
+
+def test_direct_read_of_whole_pages_and_a_short_last_page() -> None:
+    got = fast_request(rw(OP.READ, 16, (5, 0, 7), (6, 0, 7), (9, 0, 3)), DISK)
+    assert got == (7, OP.READ, 16, 20, (5, 6, 9), ())
+
+
+@pytest.mark.parametrize(
+    ("slot", "limits"),
+    [
+        (rw(OP.READ, 0, (5, 1, 7)), DISK),  # starts inside its page
+        (rw(OP.WRITE, 0, (5, 0, 3), (6, 0, 7)), DISK),  # a hole between segments
+        (rw(OP.WRITE, 0, (5, 0, 7)), RO),  # refused: read-only
+        (rw(OP.READ, 1020, (5, 0, 7)), DISK),  # refused: past the end
+        (rw(OP.READ, 0, (5, 0, 7)), EMPTY),  # refused: no medium
+        (rw(OP.FLUSH_DISKCACHE, 0), DISK),  # ordered: the queue decides
+        (rw(OP.WRITE_BARRIER, 0, (5, 0, 7)), DISK),
+        (BlkifRequestIndirect(OP.WRITE, 300, 1, 0, 0, (1,)).encode(), DISK),  # over 256
+        (BlkifRequestIndirect(OP.FLUSH_DISKCACHE, 3, 1, 0, 0, (1,)).encode(), DISK),
+        (BlkifRequestIndirect(OP.WRITE, 8, 1, 0, 0, (1,)).encode(), RO),
+    ],
+)
+def test_what_the_fast_path_leaves_alone(slot: bytes, limits: object) -> None:
+    assert fast_request(slot.ljust(112, b"\0"), limits) is None  # type: ignore[arg-type]
+
+
+def test_indirect_names_its_pages_only() -> None:
+    slot = BlkifRequestIndirect(OP.READ, 600, 9, 64, 0, (11, 12, 13)).encode()
+    assert fast_request(slot, DISK) is None  # 600 segments: over the 256 offered
+    wide = DeviceLimits(4096, False, True, 1024, True)
+    assert fast_request(slot, wide) == (9, OP.READ, 64, 600, (), (11, 12))
+
+
+def test_whole_page_sectors() -> None:
+    assert whole_page_sectors(bytes(3), bytes([7, 7, 7])) == 24
+    assert whole_page_sectors(bytes(2), bytes([7, 0])) == 9
+    assert whole_page_sectors(bytes([0, 1]), bytes([7, 7])) == 0
+    assert whole_page_sectors(bytes(2), bytes([3, 7])) == 0
+    assert whole_page_sectors(bytes(1), bytes([8])) == 0
+    assert whole_page_sectors(b"", b"") == 0
+
+
+# mostly whole pages, so that many examples reach the fast path
+segment = st.tuples(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0] * 8 + [1, 9]),
+    st.sampled_from([7] * 8 + [0, 3, 8, 9]),
+)
+TAKEN: list[int] = []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    op=st.sampled_from([OP.READ, OP.WRITE, OP.WRITE_BARRIER, OP.FLUSH_DISKCACHE, 9]),
+    sector=st.integers(0, 1100),
+    segs=st.one_of(st.lists(segment, max_size=3), st.lists(segment, max_size=11)),
+    readonly=st.booleans(),
+)
+def test_agrees_with_the_general_path(
+    op: int, sector: int, segs: list[tuple[int, int, int]], readonly: bool
+) -> None:
+    limits = RO if readonly else DISK
+    slot = bytearray(112)
+    slot[:] = BlkifRequest.of(OP.READ, 0, 7, sector, ()).encode()
+    slot[0], slot[1] = op, len(segs)
+    for k, (g, f, la) in enumerate(segs):
+        slot[24 + 8 * k : 30 + 8 * k] = g.to_bytes(4, "little") + bytes([f, la])
+    got = fast_request(bytes(slot), limits)
+    if got is None:
+        return
+    TAKEN.append(1)
+    admitted, io = admit_and_plan(bytes(slot), limits)  # must not raise
+    assert io is not None
+    assert admitted.kind in (Kind.READ, Kind.WRITE)
+    rid, fop, fsector, nsect, grefs, indirect = got
+    assert (rid, fop, fsector, indirect) == (7, op, sector, ())
+    assert (io.offset, io.nbytes, io.segments.grefs) == (sector * 512, nsect * 512, grefs)
+
+
+def test_the_agreement_test_reached_the_fast_path() -> None:
+    test_agrees_with_the_general_path()
+    assert len(TAKEN) > 20
+
+
+def test_general_path_refuses_what_fast_path_passed_on() -> None:
+    with pytest.raises(BlkifProtocolError):
+        admit_and_plan(rw(OP.WRITE, 0, (5, 0, 7)), RO)
+
+
+def test_skip_takes_a_sequence_number_only_from_an_empty_queue() -> None:
+    q = OrderingQueue()
+    assert q.skip() == 0
+    assert q.submit(Kind.WRITE) == 1
+    with pytest.raises(RuntimeError):
+        q.skip()
+    assert q.startable() == [1]
+    q.complete(1)
+    assert q.skip() == 2
