@@ -13,6 +13,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
+from services.frontend.kernel import blkfront_request as rq
 from services.frontend.kernel.blkfront_core import BlkfrontCore, Completion
 from services.frontend.kernel.blkfront_gnttab import GrantTable, PagePool
 from services.frontend.kernel.blkfront_state import BackendInfo, BioKind
@@ -497,3 +498,81 @@ def test_direct_slots_are_the_request_records_bytes(nsectors: int) -> None:
         bi.BlkifOp.WRITE, 51712, 9, 12345, tuple(rq.segments(nsectors, refs))
     ).encode()
     assert rq.direct_slot(bi.BlkifOp.WRITE, 51712, 9, 12345, nsectors, refs) == want
+
+
+def test_pump_with_a_byte_budget_stops_once_it_is_spent() -> None:
+    rig = make()
+    for k in range(4):
+        rig.core.submit(BioKind.WRITE, 512 * k, 512, pattern(512, k))  # 256 KiB each
+    assert rig.core.pump(max_bytes=256 * 1024) == 1
+    assert rig.core.pump(max_bytes=300 * 1024) == 2  # the budget may be overshot by one
+    assert rig.core.pump() == 1
+    assert [c.status for c in rig.run()] == [0] * 4
+    assert rig.disk[: 4 * 512 * 512] == b"".join(pattern(512, k) for k in range(4))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 11])
+def test_a_direct_request_packed_in_the_ring_is_the_encoded_one(n: int) -> None:
+    rig = make()
+    ring = rig.core.ring
+    assert ring is not None
+    refs = [100 + 3 * k for k in range(n)]
+    nsectors = 8 * (n - 1) + 5
+    rq.put_direct(ring, OP.WRITE, 51712, 9, 4242, nsectors, refs)
+    raw = rig.be.ring.sring.read_slot(ring.req_prod_pvt - 1)
+    assert raw[: bi.REQUEST.size] == rq.direct_slot(OP.WRITE, 51712, 9, 4242, nsectors, refs)
+    want = [bi.Segment(r, 0, 7) for r in refs[:-1]] + [bi.Segment(refs[-1], 0, 4)]
+    assert list(bi.decode_request(raw).segments) == want
+
+
+def test_a_run_of_pages_is_recognised_by_all_of_it_not_its_first_page() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True))
+    core = rig.core
+    a = ((10, 1), (11, 2), (12, 3))
+    b = ((10, 1), (11, 2), (40, 9))  # same first page and length, another run
+    assert core._layout(a) == ([1, 2, 3], 10 * PAGE_SIZE)
+    assert core._layout(b) == ([1, 2, 9], None)
+    assert core._layout(a) == ([1, 2, 3], 10 * PAGE_SIZE)
+
+
+def test_persistent_pages_of_a_new_connection_are_named_by_their_new_refs() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True))
+    first = pattern(2048, 1)
+    rig.core.submit(BioKind.WRITE, 0, 2048, first)  # 1 MiB: indirect, persistent pages
+    rig.run()
+    rig.core.submit(BioKind.READ, 0, 2048)
+    assert [c.data == first for c in rig.run()] == [True]
+    rig.core.disconnect()
+    rig.reconnect(info=attrs.evolve(FULL, persistent=True))
+    second = pattern(2048, 2)
+    rig.core.submit(BioKind.WRITE, 0, 2048, second)
+    rig.core.submit(BioKind.READ, 0, 2048)
+    assert [c.data for c in rig.run()] == [b"", second]
+    assert rig.be.grant_faults == 0 and rig.disk[: 2048 * 512] == second
+
+
+class _Kernel:
+    nursery = None  # no kick task: the test pumps the rig itself
+
+    def touch(self) -> None:
+        pass
+
+
+async def test_an_io_context_reaps_its_own_bios_with_their_status() -> None:
+    from services.frontend.kernel.blkfront import BlockDevice
+
+    rig = make(attrs.evolve(FULL, discard=False))
+    dev = BlockDevice(_Kernel(), "xvda", 51712)  # type: ignore[arg-type]
+    dev.core = rig.core
+    ctx, other = dev.io_context(), dev.io_context()
+    w = ctx.start(BioKind.WRITE, 8, 8, pattern(8, 5))
+    d = ctx.start(BioKind.DISCARD, 0, 8)  # not offered: completes with EOPNOTSUPP
+    o = other.start(BioKind.READ, 8, 8)
+    assert (ctx.in_flight, other.in_flight) == (2, 1)
+    dev._complete(rig.run())
+    got = {c.bio: c.status for c in await ctx.reap()}
+    assert got == {w: 0, d: bi.BlkifRsp.EOPNOTSUPP} and ctx.in_flight == 0
+    (mine,) = await other.reap()
+    assert (mine.bio, mine.data) == (o, pattern(8, 5))
+    with pytest.raises(RuntimeError):
+        await ctx.reap()  # nothing in flight: it would wait forever

@@ -68,6 +68,10 @@ def vdev_name(devid: int) -> str:
     return name + (str(part) if part else "")
 
 
+#: data put in the ring between two pushes (and at most one notification each)
+PUSH_BYTES = 256 * 1024
+
+
 class BlockDevice:
     """One vbd as the guest's workloads see it."""
 
@@ -82,6 +86,7 @@ class BlockDevice:
         self.mode = "w"
         self._waiters: dict[int, trio.Event] = {}
         self._done: dict[int, Completion] = {}
+        self._contexts: dict[int, IoContext] = {}  #: bios queued by an IoContext
         self._kick_scheduled = False
 
     # --- what the guest sees ----------------------------------------------------------
@@ -136,6 +141,10 @@ class BlockDevice:
             )
         return result
 
+    def io_context(self) -> IoContext:
+        """A queue of bios that are waited for together (``io_setup``)."""
+        return IoContext(self)
+
     def statistics(self) -> BlkfrontStats:
         return self.core.statistics() if self.core else BlkfrontStats()
 
@@ -172,14 +181,17 @@ class BlockDevice:
         await self.kick()
 
     async def kick(self) -> None:
-        """Pump queued parts into the ring, publish, notify if asked to."""
+        """Pump queued parts into the ring, publish, notify if asked to. Every
+        :data:`PUSH_BYTES` of data is published on its own, so the backend
+        starts on a big request while the next one is still being copied."""
         core = self.core
-        if core is None:
-            return
-        core.pump()
-        self._complete(core.take_completions())
-        if core.push() and self.port:
-            await self.k.notify_via_evtchn(self.port)
+        while core is not None and core.pump(PUSH_BYTES):
+            self._complete(core.take_completions())
+            if core.push() and self.port:
+                await self.k.notify_via_evtchn(self.port)
+            core = self.core
+        if core is not None:
+            self._complete(core.take_completions())
 
     async def on_event(self, port: int) -> None:
         """The port's interrupt handler (``blkif_interrupt``)."""
@@ -190,13 +202,57 @@ class BlockDevice:
         await self.kick()
 
     def _complete(self, done: list[Completion]) -> None:
+        contexts = self._contexts
         for c in done:
+            ctx = contexts.pop(c.bio, None)
+            if ctx is not None:
+                ctx._done(c)
+                continue
             self._done[c.bio] = c
             ev = self._waiters.get(c.bio)
             if ev is not None:
                 ev.set()
         if done:
             self.k.touch()
+
+
+class IoContext:
+    """Bios queued without waiting for each (``io_submit``) and collected as
+    they complete (``io_getevents``): how fio's libaio engine keeps a queue
+    depth from one thread. Made by :meth:`BlockDevice.io_context`."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.in_flight = 0
+        self._ready: list[Completion] = []
+        self._wakeup = trio.Event()
+
+    def start(self, kind: BioKind, sector: int, nsectors: int = 0, data: bytes = b"") -> int:
+        """Queue one bio; its :class:`Completion` comes back from :meth:`reap`."""
+        dev = self.dev
+        if dev.core is None:
+            raise BlockIOError(errno.ENXIO, f"{dev.name}: not attached")
+        bio = dev.core.submit(kind, sector, nsectors, data)
+        dev._contexts[bio] = self
+        self.in_flight += 1
+        dev._schedule_kick()
+        return bio
+
+    async def reap(self) -> list[Completion]:
+        """Completions of this context's bios, at least one (waiting for it).
+        A failed bio is a completion with its status, not an exception."""
+        while not self._ready:
+            if not self.in_flight:
+                raise RuntimeError("reap with no bio in flight")
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        out, self._ready = self._ready, []
+        self.in_flight -= len(out)
+        return out
+
+    def _done(self, c: Completion) -> None:
+        self._ready.append(c)
+        self._wakeup.set()
 
 
 def devices(k: Kernel) -> dict[str, BlockDevice]:

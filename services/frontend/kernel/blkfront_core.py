@@ -30,7 +30,7 @@ import attrs
 
 from services.frontend.kernel import blkfront_request as rq
 from services.frontend.kernel.blkfront_gnttab import GrantTable, PagePool
-from services.frontend.kernel.blkfront_pages import REF, GrantedPages
+from services.frontend.kernel.blkfront_pages import GrantedPages
 from services.frontend.kernel.blkfront_request import Plan
 from services.frontend.kernel.blkfront_state import (
     BackendInfo,
@@ -44,8 +44,15 @@ from services.frontend.kernel.blkfront_state import (
 from shared.abi import blkif as bi
 from shared.abi.ring import PAGE_SIZE, Buffer, FrontRing, RingError
 
-OKAY, ERROR, EOPNOTSUPP = bi.BlkifRsp.OKAY, bi.BlkifRsp.ERROR, bi.BlkifRsp.EOPNOTSUPP
-_FLUSH_OPS = (bi.BlkifOp.FLUSH_DISKCACHE, bi.BlkifOp.WRITE_BARRIER)
+OKAY, ERROR, EOPNOTSUPP = (
+    int(bi.BlkifRsp.OKAY),
+    int(bi.BlkifRsp.ERROR),
+    int(bi.BlkifRsp.EOPNOTSUPP),
+)
+READ, WRITE_BARRIER = int(bi.BlkifOp.READ), int(bi.BlkifOp.WRITE_BARRIER)
+_FLUSH_OPS = (int(bi.BlkifOp.FLUSH_DISKCACHE), WRITE_BARRIER)
+_DATA_BIOS = (BioKind.READ, BioKind.WRITE, BioKind.WRITE_ORDERED)
+_RESPONSE_FIELDS = bi.RESPONSE.struct.unpack_from
 
 
 @attrs.frozen
@@ -86,6 +93,7 @@ class BlkfrontCore(GrantedPages):
         self.next_bio = 1
         self.next_seq = 1
         self.completions: list[Completion] = []
+        self._runs = {}
         self.stats: collections.Counter[str] = collections.Counter()
 
     # --- connection -------------------------------------------------------------------
@@ -122,6 +130,7 @@ class BlkfrontCore(GrantedPages):
         for gfn, ref in self.persistent_all:
             self._revoke(gfn, ref)
         self.persistent_all, self.persistent_free = {}, []
+        self._forget_runs()
         for gfn, ref in self.ring_pages:
             self._revoke(gfn, ref)
         self.ring, self.ring_pages, self.shadow, self._free_ids = None, [], [], []
@@ -153,32 +162,41 @@ class BlkfrontCore(GrantedPages):
         return out
 
     # --- requests -----------------------------------------------------------------------
-    def pump(self) -> int:
-        """Put queued parts into the ring (not yet published); answers how many."""
-        put = 0
-        while self.pending and self.ring is not None and self.live and not self.frozen:
-            part = self.pending[0]
-            op, plan = rq.operation_for(part.kind, self.backend)
-            if plan in (Plan.LOCAL, Plan.UNSUPPORTED):
-                self.pending.popleft()
-                self.stats["flushes_elided" if plan is Plan.LOCAL else "errors"] += 1
-                self._part_done(part, OKAY if plan is Plan.LOCAL else EOPNOTSUPP)
-                continue
-            assert op is not None
-            if plan is Plan.ALONE and self.in_flight():
-                break  # single-step: wait until idle
-            if self.ring.full() or not self._free_ids:
+    def pump(self, max_bytes: int = 0) -> int:
+        """Put queued parts into the ring (not yet published); answers how many.
+        With ``max_bytes``, stop once the parts put carry that much data (the
+        caller publishes those so the backend can start on them)."""
+        put = moved = 0
+        ring, pending = self.ring, self.pending
+        while pending and ring is not None and self.live and not self.frozen:
+            if max_bytes and moved >= max_bytes:
                 break
-            limit = min(rq.max_segments(self.backend, op), self._page_budget())
-            head, tail = rq.split(part, max(limit, 1))
+            part = pending[0]
+            op, plan = rq.operation_for(part.kind, self.backend)
+            if plan is not Plan.SEND:
+                if plan in (Plan.LOCAL, Plan.UNSUPPORTED):
+                    pending.popleft()
+                    self.stats["flushes_elided" if plan is Plan.LOCAL else "errors"] += 1
+                    self._part_done(part, OKAY if plan is Plan.LOCAL else EOPNOTSUPP)
+                    continue
+                if self.in_flight():
+                    break  # single-step: wait until idle
+            assert op is not None
+            if ring.full() or not self._free_ids:
+                break
+            head, tail = part, None
+            if rq.pages_for(part.nsectors) > bi.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+                limit = min(rq.max_segments(self.backend, op), self._page_budget())
+                head, tail = rq.split(part, max(limit, 1))
             if not self._issue(head, op, plan):
                 break  # out of pages or refs: answers will free some
-            self.pending.popleft()
+            moved += head.nsectors * rq.SECTOR
+            pending.popleft()
             if tail is not None:
                 self.bios[part.bio] = attrs.evolve(
                     self.bios[part.bio], parts=self.bios[part.bio].parts + 1
                 )
-                self.pending.appendleft(tail)
+                pending.appendleft(tail)
             put += 1
             if plan is Plan.ALONE:
                 self.frozen = True
@@ -191,31 +209,38 @@ class BlkfrontCore(GrantedPages):
         return max(1, len(self.pool.gfns) // 4)
 
     def _issue(self, part: Part, op: int, plan: Plan) -> bool:
-        assert self.ring is not None
-        npages = rq.pages_for(part.nsectors) if rq.carries_data(part.kind) else 0
+        ring = self.ring
+        assert ring is not None
+        data = part.kind in _DATA_BIOS
+        npages = (part.nsectors + rq.SECTORS_PER_PAGE - 1) // rq.SECTORS_PER_PAGE if data else 0
         nind = rq.indirect_pages_needed(op, npages)
-        pages = self._data_pages(npages, readonly=op != bi.BlkifOp.READ)
+        pages = self._data_pages(npages, readonly=op != READ)
         if pages is None:
             return False
         ind = self._data_pages(nind, readonly=True)  # persistent too, as Linux does
         if ind is None:
             self._release_pages(pages, persistent=self._persistent)
             return False
-        if op != bi.BlkifOp.READ:
-            self._copy_in(part, pages)
-        data_refs = list(map(REF, pages))
+        pages_t = tuple(pages)
+        data_refs, start = self._layout(pages_t)
+        if op != READ and data:
+            self._copy_in(part, pages_t, start)
+        rid = self._free_ids.pop()
         if ind:
-            contents = rq.indirect_contents(part.nsectors, data_refs)
+            contents = self._indirect(pages_t, data_refs, part.nsectors)
             for (gfn, _), raw in zip(ind, contents, strict=True):
                 self.ram[gfn * PAGE_SIZE : gfn * PAGE_SIZE + len(raw)] = raw
-        rid = self._free_ids.pop()
-        wire = rq.encode(op, self.handle, rid, part, data_refs, [r for _, r in ind])
-        self.shadow[rid] = ShadowEntry(rid, part, op, tuple(pages), tuple(ind), plan is Plan.ALONE)
-        self.ring.put_request(wire)
+            wire = rq.encode(op, self.handle, rid, part, data_refs, [r for _, r in ind])
+            ring.put_request(wire)
+            self.stats["indirect"] += 1
+        elif data:
+            rq.put_direct(ring, op, self.handle, rid, part.sector, part.nsectors, data_refs)
+        else:
+            ring.put_request(rq.encode(op, self.handle, rid, part, data_refs, []))
+        if op in _FLUSH_OPS:
+            self.stats["barriers" if op == WRITE_BARRIER else "flushes"] += 1
+        self.shadow[rid] = ShadowEntry(rid, part, op, pages_t, tuple(ind), plan is Plan.ALONE)
         self.stats["requests"] += 1
-        self.stats["indirect"] += bool(ind)
-        self.stats["barriers"] += op == bi.BlkifOp.WRITE_BARRIER
-        self.stats["flushes"] += op == bi.BlkifOp.FLUSH_DISKCACHE
         return True
 
     def push(self) -> bool:
@@ -238,27 +263,26 @@ class BlkfrontCore(GrantedPages):
             except RingError:
                 self.stats["bad_responses"] += 1
                 return taken
+            self.stats["responses"] += len(raws)
             for raw in raws:
-                self._response(bi.BlkifResponse.decode(raw))
-                taken += 1
+                self._response(*_RESPONSE_FIELDS(raw))
+            taken += len(raws)
             if self.ring is None or not self.ring.final_check_for_responses():
                 break
         return taken
 
-    def _response(self, rsp: bi.BlkifResponse) -> None:
-        self.stats["responses"] += 1
-        entry = self.shadow[rsp.id] if 0 <= rsp.id < len(self.shadow) else None
+    def _response(self, rid: int, operation: int, status: int) -> None:
+        entry = self.shadow[rid] if 0 <= rid < len(self.shadow) else None
         if entry is None:
             self.stats["bad_responses"] += 1  # an id we never issued, or answered twice
             return
-        status = rsp.status
-        if rsp.operation != entry.operation:
+        if operation != entry.operation:
             self.stats["bad_responses"] += 1
             status = ERROR
-        if entry.operation == bi.BlkifOp.READ and status == OKAY:
+        if entry.operation == READ and status == OKAY:
             self._copy_out(entry)
-        self.shadow[rsp.id] = None
-        self._free_ids.append(rsp.id)
+        self.shadow[rid] = None
+        self._free_ids.append(rid)
         self._release(entry)
         if entry.single_step:
             self.frozen = False

@@ -14,6 +14,7 @@ from services.frontend.kernel.blkfront_state import BackendInfo, BioRecord, Part
 from shared.abi.ring import PAGE_SIZE
 
 GFN, REF = operator.itemgetter(0), operator.itemgetter(1)
+_RUNS_KEPT = 4096
 
 
 class GrantedPages:
@@ -29,6 +30,9 @@ class GrantedPages:
     persistent_free: list[tuple[int, int]]
     persistent_all: dict[tuple[int, int], None]
     stats: collections.Counter[str]
+    #: per run of persistent pages (first page, length): the pages, their refs,
+    #: the run's address or None, indirect contents by sector count
+    _runs: dict[tuple[tuple[int, int], int], tuple[tuple, list[int], int | None, dict]]
 
     @property
     def _persistent(self) -> bool:
@@ -62,10 +66,12 @@ class GrantedPages:
     def _release(self, entry: ShadowEntry) -> None:
         # indirect pages first: the data pages end the free list, one run of
         # frames that the next request of the same size takes whole
-        self._release_pages(list(entry.indirect_pages), persistent=self._persistent)
-        self._release_pages(list(entry.pages), persistent=self._persistent)
+        persistent = self._persistent
+        if entry.indirect_pages:
+            self._release_pages(entry.indirect_pages, persistent)
+        self._release_pages(entry.pages, persistent)
 
-    def _release_pages(self, pages: list[tuple[int, int]], persistent: bool) -> None:
+    def _release_pages(self, pages: Sequence[tuple[int, int]], persistent: bool) -> None:
         # A request's pages are all persistent or none is: _data_pages takes them
         # all from the pool, and the pool is only added to or emptied whole.
         if persistent and pages and pages[0] in self.persistent_all:
@@ -81,12 +87,50 @@ class GrantedPages:
             self.pool.leak([gfn])
             self.stats["leaked_grants"] += 1
 
-    def _copy_in(self, part: Part, pages: list[tuple[int, int]]) -> None:
+    def _layout(self, pages: tuple[tuple[int, int], ...]) -> tuple[list[int], int | None]:
+        """The grant refs of ``pages`` and, when their frames follow one another
+        in guest RAM, the byte address of the first (one copy moves them all).
+        Persistent pages come back in the same runs request after request, so
+        a run's answer is kept, keyed by its first page and checked whole."""
+        if len(pages) == 1:
+            ((gfn, ref),) = pages
+            return [ref], gfn * PAGE_SIZE
+        if not pages:
+            return [], None
+        key = (pages[0], len(pages))
+        hit = self._runs.get(key)
+        if hit is not None and hit[0] == pages:
+            return hit[1], hit[2]
+        refs = list(map(REF, pages))
+        start = _one_run(pages)
+        if self._persistent:
+            if len(self._runs) >= _RUNS_KEPT:
+                self._runs.clear()  # sizes keep changing: start over
+            self._runs[key] = (pages, refs, start, {})
+        return refs, start
+
+    def _indirect(
+        self, pages: tuple[tuple[int, int], ...], refs: list[int], nsectors: int
+    ) -> list[bytes]:
+        """The indirect pages' contents for ``pages`` (:func:`rq.indirect_contents`),
+        kept with the run's layout for the next request over the same run."""
+        hit = self._runs.get((pages[0], len(pages)))
+        if hit is None or hit[0] != pages:
+            return rq.indirect_contents(nsectors, refs)
+        contents = hit[3].get(nsectors)
+        if contents is None:
+            contents = hit[3][nsectors] = rq.indirect_contents(nsectors, refs)
+        return contents
+
+    def _forget_runs(self) -> None:
+        self._runs.clear()
+
+    def _copy_in(self, part: Part, pages: Sequence[tuple[int, int]], start: int | None) -> None:
         data = self.bios[part.bio].data
         left = part.nsectors * rq.SECTOR
         at = part.offset
-        if (start := _one_run(pages)) is not None:  # consecutive frames: one copy
-            self.ram[start : start + left] = data[at : at + left]
+        if start is not None:  # consecutive frames: one copy
+            self.ram[start : start + left] = memoryview(data)[at : at + left]
             return
         for gfn, _ in pages:
             n = min(PAGE_SIZE, left)
@@ -97,9 +141,9 @@ class GrantedPages:
         part = entry.part
         left = part.nsectors * rq.SECTOR
         at = part.offset
-        start = _one_run(entry.pages)
+        start = self._layout(entry.pages)[1]
         if start is not None and at == 0 and part.nsectors == self.bios[part.bio].nsectors:
-            self._reads[part.bio] = bytes(self.ram[start : start + left])  # the whole bio
+            self._reads[part.bio] = self.ram[start : start + left].tobytes()  # the whole bio
             return
         size = self.bios[part.bio].nsectors * rq.SECTOR
         buf = self._reads.get(part.bio)
@@ -116,7 +160,7 @@ class GrantedPages:
 
 def _one_run(pages: Sequence[tuple[int, int]]) -> int | None:
     """The byte address of ``pages`` when their frames follow one another in
-    guest RAM (one copy moves them all), else None."""
+    guest RAM, else None."""
     if not pages:
         return None
     first, last = pages[0][0], pages[-1][0]

@@ -19,7 +19,7 @@ import struct
 
 from services.frontend.kernel.blkfront_state import BackendInfo, BioKind, Part
 from shared.abi import blkif as bi
-from shared.abi.ring import PAGE_SIZE
+from shared.abi.ring import PAGE_SIZE, RING_IDX_MASK, FrontRing, RingError
 
 SECTOR = bi.SECTOR_SIZE
 SECTORS_PER_PAGE = bi.SECTORS_PER_PAGE
@@ -142,6 +142,28 @@ def direct_slot(
 
 
 _REQUEST = bi.REQUEST.struct
+_PAD = (0, 0, 0) * bi.BLKIF_MAX_SEGMENTS_PER_REQUEST
+
+
+def put_direct(
+    ring: FrontRing, op: int, handle: int, rid: int, sector: int, nsectors: int, refs: list[int]
+) -> None:
+    """:func:`direct_slot` packed straight into the ring's next request slot
+    (``RING_GET_REQUEST`` + fill + ``req_prod_pvt++``)."""
+    if ring.full():
+        raise RingError("ring full: no free request slot")
+    n = len(refs)
+    if n == 1:  # a request of one page: no list to build
+        fields = (refs[0], 0, (nsectors - 1) % SECTORS_PER_PAGE) + _PAD[3:]
+    else:
+        fields = list(_PAD)
+        fields[0 : 3 * n : 3] = refs
+        fields[2 : 3 * n : 3] = [SECTORS_PER_PAGE - 1] * n
+        fields[3 * n - 1] = (nsectors - 1) % SECTORS_PER_PAGE
+    idx = ring.req_prod_pvt
+    sring = ring.sring
+    _REQUEST.pack_into(sring.buf, sring.slot_offset(idx), op, n, handle, rid, sector, *fields)
+    ring.req_prod_pvt = (idx + 1) & RING_IDX_MASK
 
 
 @functools.cache
