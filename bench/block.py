@@ -105,7 +105,7 @@ async def measure(rounds: int, mib: int, nreads: int) -> dict[str, list[float]]:
             async def run(spec: dict[str, Any]) -> dict[str, Any]:
                 reply = await guest.call(kc.KernelRun(json.dumps(spec)), timeout=60 + 30 * rounds)
                 res = json.loads(reply.json)
-                if res.get("error") or res.get("timed_out"):
+                if res.get("error") or res.get("timed_out") or res.get("failed"):
                     raise RuntimeError(f"block_raw {spec}: {res}")
                 return res
 

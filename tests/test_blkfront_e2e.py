@@ -112,7 +112,8 @@ async def test_raw_sparse_indirect_and_cdrom(tmp_path: Path) -> None:
         '"block:name=cdread,vdev=hdc,pattern=random,op=read,bs=2048,qd=4,count=64",'
         '"block:name=cdwrite,vdev=hdc,pattern=seq,op=write,bs=4096,qd=1,count=4,'
         'verify_after=0",'
-        '"block_raw:name=rawread,vdev=xvda,op=read,bs=1048576,qd=2,count=6"]',
+        '"block_raw:name=rawread,vdev=xvda,op=read,bs=1048576,qd=2,count=6",'
+        '"block_raw:name=rawrand,vdev=xvda,op=read,pattern=random,bs=4096,qd=8,count=64"]',
     )
     with trio.fail_after(240), temporary_host(FULL_HOST) as host:
         topo, domid = await _up_and_create(host, cfg)
@@ -151,7 +152,10 @@ async def test_raw_sparse_indirect_and_cdrom(tmp_path: Path) -> None:
 
         raw_read = res["rawread"]  # the throughput workload: one INDIRECT per 1 MiB block
         assert "error" not in raw_read and not raw_read["timed_out"], raw_read
-        assert raw_read["requests"] == 6 and raw_read["mb_s"] > 0
+        assert raw_read["requests"] == 6 and raw_read["mb_s"] > 0 and raw_read["failed"] == 0
+        rand = res["rawrand"]  # one task keeping 8 in flight (IoContext start/reap)
+        assert not rand.get("error") and not rand["timed_out"], rand
+        assert (rand["requests"], rand["failed"]) == (64, 0)
 
         # eject and insert reach the frontend as media changes (Connected -> Connected)
         assert (await run_cli("cd-eject", "bf1", "hdc", *topo)).returncode == 0
