@@ -1,4 +1,5 @@
-"""Keep large buffers in the process's heap (glibc ``mallopt``).
+"""Keep large buffers in the process's heap (glibc ``mallopt``), and keep the
+cycle collector off the hot paths (:func:`calm_gc`).
 
 A guest's block reads hand each 1 MiB block to the caller as a fresh
 ``bytes``. With glibc's defaults such a block is often an ``mmap`` of its
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the dynamic threshold
 TRIM_THRESHOLD = 256 << 20
+#: container allocations between two young-generation collections (CPython: 700)
+GC_THRESHOLD = 20_000
 
 
 def keep_large_buffers() -> bool:
@@ -34,3 +38,14 @@ def keep_large_buffers() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def calm_gc() -> None:
+    """Hide what exists now (modules, tables built at start-up) from the cycle
+    collector for good, and run young collections :data:`GC_THRESHOLD`
+    allocations apart. The hot paths free their objects by reference count;
+    the collector walking a long-lived heap every 700 allocations was 15% of
+    the hypervisor's CPU during block I/O (perf: ``gc_collect_main``)."""
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, g1, g2)

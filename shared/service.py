@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from shared import messages, topology
+from shared.memtune import calm_gc
 from shared.transport import FaultPlan, Server, open_server
 
 Setup = Callable[["ServiceContext"], Awaitable[None]]
@@ -105,6 +106,7 @@ async def run(
         server.route(messages.ShutdownRequest, shutdown)
         if setup is not None:
             await setup(ctx)
+        calm_gc()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()

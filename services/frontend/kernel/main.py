@@ -25,7 +25,7 @@ from services.hypervisor import control as ctl
 from services.hypervisor.effects import ApicInterrupt, Upcall
 from shared.doorbell import EOI, NMI, UPCALL, DoorbellReader, bell_path
 from shared.guestmem import GuestMemory
-from shared.memtune import keep_large_buffers
+from shared.memtune import calm_gc, keep_large_buffers
 from shared.transport import Channel, open_channel, open_server
 
 REPORT_INTERVAL_S = 0.1
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token", required=True)
     args = p.parse_args(argv)
     keep_large_buffers()
+    calm_gc()
     where = os.environ.get(PROFILE_ENV)
     if where:
         trio.run(_profiled, args, where)
