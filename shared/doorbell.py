@@ -46,6 +46,12 @@ def bell_path(memory_path: str | Path, vcpu: int) -> Path:
     return Path(f"{memory_path}-vcpu{vcpu}.bell")
 
 
+def sends_path(memory_path: str | Path, vcpu: int) -> Path:
+    """The other direction, also next to the RAM file: the ports a vCPU posts
+    ``EVTCHNOP_send`` on (records of :mod:`shared.evtchn_dev`)."""
+    return Path(f"{memory_path}-vcpu{vcpu}.send")
+
+
 class DoorbellReader:
     """The vCPU side: create the FIFO, then ``await receive()`` records."""
 

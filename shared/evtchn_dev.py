@@ -75,6 +75,18 @@ class PortReader:
         data, self._rest = await read_records(self.fd, self._rest, PORT.size)
         return [p for (p,) in PORT.iter_unpack(data)]
 
+    def take_nowait(self) -> list[int]:
+        """Whatever ports are in the FIFO now, without waiting (maybe none)."""
+        if self.fd < 0:
+            return []
+        try:
+            data = self._rest + os.read(self.fd, PIPE_BUF)
+        except BlockingIOError:
+            data = self._rest
+        whole = len(data) - len(data) % PORT.size
+        self._rest = data[whole:]
+        return [p for (p,) in PORT.iter_unpack(data[:whole])]
+
     def close(self) -> None:
         if self.fd >= 0:
             try:
@@ -109,14 +121,38 @@ class PortWriter:
             self.fd = -1
 
 
+def make_fifo(path: Path) -> None:
+    """A fresh FIFO at ``path`` (a stale one from a dead process is replaced)."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path, 0o600)
+
+
+class SendFifo:
+    """A vCPU's posted sends: it makes the FIFO and writes the ports it sends
+    on; the hypervisor reads them as ``EVTCHNOP_send`` hypercalls of that vCPU."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        make_fifo(path)
+        # O_RDWR: opening for writing must not wait for (or fail without) a reader
+        self.writer = PortWriter(path, os.O_RDWR)
+
+    def send(self, port: int) -> bool:
+        """Post a send on ``port``; False: make the hypercall instead."""
+        return self.writer.write((port,))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.path.unlink(missing_ok=True)
+
+
 class EvtchnDevice:
     """The dom0 process's side: makes both FIFOs, reads fired ports, writes sends."""
 
     def __init__(self, rundir: Path, pid: int | None = None) -> None:
         self.fired_path, self.send_path = device_paths(rundir, pid or os.getpid())
         for path in (self.fired_path, self.send_path):
-            path.unlink(missing_ok=True)
-            os.mkfifo(path, 0o600)
+            make_fifo(path)
         self.fired = PortReader(self.fired_path)
         # O_RDWR: opening for writing must not wait for (or fail without) a reader
         self.sends = PortWriter(self.send_path, os.O_RDWR)

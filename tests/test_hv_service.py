@@ -3,6 +3,7 @@ timers, grants and permissions across real process boundaries."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from services.hypervisor.messages import (
     VcpuOp,
     XenVersion,
 )
-from services.hypervisor.testbed import SHARED_INFO_GFN, Guest, alive, dom0_evtchn, hypervisor_host
+from services.hypervisor.testbed import (
+    SHARED_INFO_GFN,
+    Guest,
+    alive,
+    dom0_evtchn,
+    evtchn,
+    hypervisor_host,
+)
 from shared.abi import grant as gt
 from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
@@ -519,3 +527,81 @@ async def test_a_dead_backends_grant_mappings_are_released() -> None:
             assert not entry.flags & (gt.GTF.READING | gt.GTF.WRITING)
             stats = (await hv.status()).stats["hypervisor"]
             assert stats["released_mappings"] == 1 and stats["gnttab"]["mappings"] == 0
+
+
+async def test_a_vcpus_posted_sends_go_through_its_fifo_in_order() -> None:
+    from shared.doorbell import DoorbellReader, bell_path, sends_path
+    from shared.evtchn_dev import SendFifo
+
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a = await hv.create(vcpus=1, puppets=False)
+            chan = await hv.bind_as_vcpu(a, 0)
+            bell = DoorbellReader(bell_path(a.created.memory_path, 0))
+            fifo = SendFifo(sends_path(a.created.memory_path, 0))
+            try:
+                for bad in ("/tmp/x", a.created.memory_path, str(bell.path)):
+                    with pytest.raises(RemoteError) as err:  # elsewhere, or not a FIFO
+                        await chan.call(ctl.VcpuDoorbell(str(bell.path), bad))
+                    assert err.value.code == "refused"
+                await chan.call(ctl.VcpuDoorbell(str(bell.path), str(fifo.path)))
+                res = await chan.call(evtchn(EVTCHNOP.bind_ipi, hc.EvtchnBindIpi(0)))
+                port = hc.EvtchnBindIpi.unpack(res.data).port
+                await hv.dom0.call(ctl.TraceRequest(a.domid, clear=True))
+                assert fifo.send(port) and fifo.send(port) and fifo.send(9999)
+                # a hypercall made after the sends is carried out after them
+                await chan.call(evtchn(EVTCHNOP.close, hc.EvtchnClose(port)))
+                trace = (await hv.dom0.call(ctl.TraceRequest(a.domid, clear=True))).entries
+                assert [(e.name, e.rc) for e in trace] == [
+                    ("hypercall:event_channel_op.send", 0),
+                    ("hypercall:event_channel_op.send", 0),
+                    ("hypercall:event_channel_op.send", EINVAL),  # no such port: refused
+                    ("hypercall:event_channel_op.close", 0),
+                ]
+                # ... even when both are waiting as the hypervisor wakes (its
+                # tasks run in no fixed order): the hypercall takes the FIFO first
+                for _ in range(4):
+                    hv.proc.send_signal(signal.SIGSTOP)
+                    try:
+                        assert fifo.send(9998)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(chan.call, XenVersion(0, b""))
+                            await trio.sleep(0.05)
+                            hv.proc.send_signal(signal.SIGCONT)
+                    finally:
+                        hv.proc.send_signal(signal.SIGCONT)
+                    trace = (await hv.dom0.call(ctl.TraceRequest(a.domid, clear=True))).entries
+                    assert [e.name for e in trace] == [
+                        "hypercall:event_channel_op.send",
+                        "hypercall:xen_version",
+                    ]
+                counters = (await hv.status()).stats["hypervisor"]["evtchn_devices"]
+                assert (counters["vcpu_fifos"], counters["sends"]) == (1, 7)
+                assert counters["refused_sends"] == 5
+            finally:
+                fifo.close()
+                bell.close()
+
+
+def test_a_hypercall_first_carries_out_the_sends_its_caller_posted(tmp_path: Path) -> None:
+    from services.hypervisor.dom0_device import DeviceCounters
+    from services.hypervisor.service import HypervisorService
+    from shared.evtchn_dev import PortReader, SendFifo
+
+    fifo = SendFifo(tmp_path / "v.send")
+    reader = PortReader(fifo.path)
+    svc = HypervisorService.__new__(HypervisorService)  # the adapter's rule alone
+    svc.send_fifos, svc.device_counters = {"vcpu": reader}, DeviceCounters()
+    seen: list[object] = []
+    svc._hypercall = lambda peer, msg: seen.append((peer, msg)) or HypercallResult(0, b"")  # type: ignore[method-assign]
+    try:
+        assert fifo.send(5) and fifo.send(6)
+        later = XenVersion(0, b"")
+        svc.hypercall("vcpu", later)
+        svc.hypercall("other", later)  # another caller's hypercall takes nothing
+        sends = [EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(p).pack()) for p in (5, 6)]
+        assert seen == [("vcpu", sends[0]), ("vcpu", sends[1]), ("vcpu", later), ("other", later)]
+        assert svc.device_counters.sends == 2
+    finally:
+        reader.close()
+        fifo.close()

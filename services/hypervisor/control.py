@@ -190,9 +190,12 @@ class Trace:
 @message(257)
 class VcpuDoorbell:
     """From a bound vCPU process: kick me through this FIFO (next to the
-    domain's RAM file, see :mod:`shared.doorbell`) rather than by nng message."""
+    domain's RAM file, see :mod:`shared.doorbell`) rather than by nng message;
+    with ``sends``, take the ports I post ``EVTCHNOP_send`` on from that FIFO
+    (:func:`shared.doorbell.sends_path`, records of :mod:`shared.evtchn_dev`)."""
 
     path: str
+    sends: str = ""
 
 
 @message(258)

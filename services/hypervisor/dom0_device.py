@@ -1,11 +1,15 @@
-"""Dom0's event-channel devices (:mod:`shared.evtchn_dev`) on the hypervisor
-side: a dom0 process names its two FIFOs, the hypervisor then writes that
-process's fired ports to one and takes its sends from the other, each as the
-``EVTCHNOP_send`` hypercall from that process (same checks, trace and
-counters). A mixin of the service."""
+"""Event channels through FIFOs (:mod:`shared.evtchn_dev`) on the hypervisor
+side. Dom0's devices: a dom0 process names its two FIFOs, the hypervisor then
+writes that process's fired ports to one and takes its sends from the other.
+A vCPU's send FIFO (next to its doorbell): the ports it posts
+``EVTCHNOP_send`` on. Every port read is the ``EVTCHNOP_send`` hypercall of
+that process or vCPU (same checks, trace and counters), and a caller's
+posted sends are taken before its next hypercall by message, so they keep
+their order. A mixin of the service."""
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from services.hypervisor import control as ctl
 from services.hypervisor.messages import EventChannelOp
 from shared.abi import hypercall as hc
 from shared.abi.constants import EVTCHNOP
-from shared.evtchn_dev import FIRED, SEND, HypervisorEnd, is_device_path
+from shared.evtchn_dev import FIRED, SEND, HypervisorEnd, PortReader, is_device_path
 from shared.transport import Peer, ServiceError
 
 
@@ -26,13 +30,20 @@ class _Device:
     scope: trio.CancelScope
 
 
+@attrs.define(eq=False)
+class _VcpuSends:
+    reader: PortReader
+    scope: trio.CancelScope
+
+
 @attrs.define
 class DeviceCounters:
     devices: int = 0  #: registered so far
     kicks: int = 0  #: fired-port writes
     fallbacks: int = 0  #: fired ports that went by nng instead (FIFO full)
-    sends: int = 0  #: sends taken from the FIFOs
+    sends: int = 0  #: sends taken from the FIFOs (dom0 devices and vCPUs)
     refused_sends: int = 0  #: of those, answered with an error
+    vcpu_fifos: int = 0  #: vCPU send FIFOs registered so far
 
 
 class Dom0Devices:
@@ -40,6 +51,8 @@ class Dom0Devices:
 
     ctx: Any
     dom0_devices: dict[Peer, _Device]
+    vcpu_sends: dict[Peer, _VcpuSends]
+    send_fifos: dict[Peer, PortReader]  #: every caller's posted sends, either kind
     device_counters: DeviceCounters
 
     def dom0_evtchn_device(self, peer: Peer, msg: ctl.Dom0EvtchnDevice) -> ctl.Done:
@@ -54,25 +67,49 @@ class Dom0Devices:
             raise ServiceError("refused", f"evtchn device: {exc}") from None
         self._drop_device(peer)
         dev = self.dom0_devices[peer] = _Device(end, trio.CancelScope())
+        self.send_fifos[peer] = end.sends
         self.device_counters.devices += 1
-        self.ctx.nursery.start_soon(self._device_sends, peer, dev)
+        self.ctx.nursery.start_soon(self._serve_sends, peer, end.sends, dev.scope)
         return ctl.Done()
 
-    async def _device_sends(self, peer: Peer, dev: _Device) -> None:
-        with dev.scope:
+    def _register_vcpu_sends(self, peer: Peer, path: Path, expected: Path) -> None:
+        """A vCPU's send FIFO: at ``expected`` (next to its RAM file), a FIFO."""
+        if path != expected or not stat.S_ISFIFO(_mode(path)):
+            raise ServiceError("refused", "a send FIFO lives next to the domain's memory")
+        try:
+            reader = PortReader(path)
+        except OSError as exc:
+            raise ServiceError("refused", f"send FIFO: {exc}") from None
+        self._drop_vcpu_sends(peer)
+        sends = self.vcpu_sends[peer] = _VcpuSends(reader, trio.CancelScope())
+        self.send_fifos[peer] = reader
+        self.device_counters.vcpu_fifos += 1
+        self.ctx.nursery.start_soon(self._serve_sends, peer, reader, sends.scope)
+
+    async def _serve_sends(self, peer: Peer, reader: PortReader, scope: trio.CancelScope) -> None:
+        with scope:
             while True:
                 try:
-                    ports = await dev.end.sends.receive()
+                    ports = await reader.receive()
                 except trio.ClosedResourceError:
                     return
-                for port in ports:
-                    self.device_counters.sends += 1
-                    op = EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(port).pack())
-                    try:
-                        rc = self.hypercall(peer, op).value  # type: ignore[attr-defined]
-                    except ServiceError:
-                        rc = -1
-                    self.device_counters.refused_sends += rc < 0
+                self._posted_sends(peer, ports)
+
+    def _posted_sends(self, peer: Peer, ports: list[int]) -> None:
+        for port in ports:
+            self.device_counters.sends += 1
+            op = EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(port).pack())
+            try:
+                rc = self._hypercall(peer, op).value  # type: ignore[attr-defined]
+            except ServiceError:
+                rc = -1
+            self.device_counters.refused_sends += rc < 0
+
+    def _drain_sends(self, peer: Peer) -> None:
+        """Carry out the sends ``peer`` posted before this hypercall of its."""
+        reader = self.send_fifos.get(peer)
+        if reader is not None and (ports := reader.take_nowait()):
+            self._posted_sends(peer, ports)
 
     def _device_kick(self, owner: Peer, ports: list[int]) -> bool:
         """Write ``owner``'s fired ports to its device; False: send them by nng."""
@@ -88,5 +125,20 @@ class Dom0Devices:
     def _drop_device(self, peer: Peer) -> None:
         dev = self.dom0_devices.pop(peer, None)
         if dev is not None:
+            self.send_fifos.pop(peer, None)
             dev.scope.cancel()
             dev.end.close()
+
+    def _drop_vcpu_sends(self, peer: Peer) -> None:
+        sends = self.vcpu_sends.pop(peer, None)
+        if sends is not None:
+            self.send_fifos.pop(peer, None)
+            sends.scope.cancel()
+            sends.reader.close()
+
+
+def _mode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except OSError:
+        return 0

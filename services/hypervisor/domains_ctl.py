@@ -13,7 +13,7 @@ from services.hypervisor import control as ctl
 from services.hypervisor.domain import Personality
 from services.hypervisor.trace import DomainTrace
 from services.hypervisor.vcpus import VcpuProcesses
-from shared.doorbell import bell_path
+from shared.doorbell import bell_path, sends_path
 from shared.guestmem import GuestMemory, ram_path
 from shared.transport import Peer, ServiceError
 
@@ -88,10 +88,13 @@ class DomainControl:
             self.doorbells.pop(key).close()
         for vcpu in range(len(guest.tokens)):
             bell_path(guest.memory.path, vcpu).unlink(missing_ok=True)
+            sends_path(guest.memory.path, vcpu).unlink(missing_ok=True)
         self.traces.pop(domid, None)
         await self.processes.kill_domain(domid)
         for key in [k for k in self.vcpu_peers if k[0] == domid]:
-            self.bindings.pop(self.vcpu_peers.pop(key), None)
+            peer = self.vcpu_peers.pop(key)
+            self._drop_vcpu_sends(peer)
+            self.bindings.pop(peer, None)
         self.core.destroy_domain(domid)
         self._rearm()
         guest.memory.close()

@@ -54,7 +54,7 @@ from shared.abi.constants import (
     XenErrno,
     xen_error,
 )
-from shared.doorbell import DoorbellWriter, bell_path
+from shared.doorbell import DoorbellWriter, bell_path, sends_path
 from shared.hostsecret import host_secret
 from shared.service import ServiceContext
 from shared.timerfd import TimerFd
@@ -110,6 +110,8 @@ class HypervisorService(DomainControl, TraceLog, Dom0Devices, Kicks):
         self.doorbells: dict[tuple[int, int], DoorbellWriter] = {}
         self.dom0_mappings: dict[Peer, set[int]] = {}
         self.dom0_devices = {}
+        self.vcpu_sends = {}
+        self.send_fifos = {}
         self.device_counters = DeviceCounters()
         self.released_mappings = 0
         self.kicks = self.kick_fallbacks = 0
@@ -216,6 +218,14 @@ class HypervisorService(DomainControl, TraceLog, Dom0Devices, Kicks):
             bell = DoorbellWriter(path)
         except (OSError, ValueError) as exc:
             raise ServiceError("refused", f"doorbell: {exc}") from None
+        if msg.sends:
+            try:
+                self._register_vcpu_sends(
+                    peer, Path(msg.sends), sends_path(guest.memory.path, key[1])
+                )
+            except ServiceError:
+                bell.close()
+                raise
         old = self.doorbells.pop(key, None)
         if old is not None:
             old.close()
@@ -232,6 +242,7 @@ class HypervisorService(DomainControl, TraceLog, Dom0Devices, Kicks):
         for port in [p for p, owner in self.dom0_ports.items() if owner is peer]:
             del self.dom0_ports[port]
         self._drop_device(peer)
+        self._drop_vcpu_sends(peer)
         self._release_mappings(peer)
 
     def _caller(self, peer: Peer) -> tuple[int, int]:
@@ -248,6 +259,11 @@ class HypervisorService(DomainControl, TraceLog, Dom0Devices, Kicks):
     # --- hypercalls ---------------------------------------------------------------------
 
     def hypercall(self, peer: Peer, msg: Any) -> HypercallResult:
+        if self.send_fifos:
+            self._drain_sends(peer)  # sends it posted earlier go first
+        return self._hypercall(peer, msg)
+
+    def _hypercall(self, peer: Peer, msg: Any) -> HypercallResult:
         domid, vcpu = self._caller(peer)
         refused = self._knob_refusal(domid, vcpu, msg)
         if refused is not None:
@@ -263,6 +279,8 @@ class HypervisorService(DomainControl, TraceLog, Dom0Devices, Kicks):
         return result
 
     async def sched_op(self, peer: Peer, msg: SchedOp) -> HypercallResult:
+        if self.send_fifos:
+            self._drain_sends(peer)
         domid, vcpu = self._caller(peer)
         result, effects = self.dispatcher.dispatch(domid, vcpu, msg)
         self._trace(domid, vcpu, msg, result.value)

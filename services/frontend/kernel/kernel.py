@@ -35,6 +35,7 @@ from services.hypervisor.messages import ApicAccess, EventChannelOp, HypercallRe
 from shared.abi import hypercall as hc
 from shared.abi import sharedinfo as si
 from shared.abi.constants import EVTCHNOP, VCPUOP
+from shared.evtchn_dev import SendFifo
 from shared.transport import Channel
 
 CalloutFn = Callable[[int, int], None]  # (now, deadline)
@@ -88,6 +89,8 @@ class Kernel:
         self.nursery: trio.Nursery | None = None
         self.parked = False
         self.unparked = trio.Event()
+        #: where posted sends go without an nng message (None: by hypercall)
+        self.posted: SendFifo | None = None
 
     # --- output ------------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -115,11 +118,15 @@ class Kernel:
     async def notify_via_evtchn(self, port: int) -> None:
         """``notify_remote_via_evtchn``: an ``EVTCHNOP_send`` whose result no
         caller reads, posted: the vCPU carries on without the reply (a round
-        trip here, not a microsecond). The hypervisor takes a vCPU's hypercalls
-        in order, so none made later can overtake it."""
+        trip here, not a microsecond). The port goes through the vCPU's send
+        FIFO (one ``write``, no nng threads), else as a one-way message; the
+        hypervisor takes a vCPU's hypercalls in order either way, so none made
+        later can overtake it."""
         if self.parked:
             await self.unparked.wait()
         self.exits["EventChannelOp"] += 1
+        if self.posted is not None and self.posted.send(port):
+            return  # the hypervisor takes it before any later hypercall of ours
         await self.hv.send(EventChannelOp(EVTCHNOP.send, hc.EvtchnSend(port).pack()))
 
     async def evtchn_op(self, cmd: int, record: Any) -> tuple[int, Any]:

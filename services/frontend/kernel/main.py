@@ -23,7 +23,8 @@ from services.frontend.kernel.kernel import Kernel, KernelPanic
 from services.frontend.kernel.layout import KernelMemory, Stage
 from services.hypervisor import control as ctl
 from services.hypervisor.effects import ApicInterrupt, Upcall
-from shared.doorbell import EOI, NMI, UPCALL, DoorbellReader, bell_path
+from shared.doorbell import EOI, NMI, UPCALL, DoorbellReader, bell_path, sends_path
+from shared.evtchn_dev import SendFifo
 from shared.guestmem import GuestMemory
 from shared.memtune import calm_gc, keep_large_buffers
 from shared.transport import Channel, open_channel, open_server
@@ -151,7 +152,9 @@ async def run(args: argparse.Namespace) -> None:
         k = Kernel(hv, cfg, args.domid, args.vcpu, mem)
         guest = Guest(k, args)
         bell = DoorbellReader(bell_path(welcome.memory_path, args.vcpu))
-        await hv.call(ctl.VcpuDoorbell(str(bell.path)))
+        sends = SendFifo(sends_path(welcome.memory_path, args.vcpu))
+        await hv.call(ctl.VcpuDoorbell(str(bell.path), str(sends.path)))
+        k.posted = sends
         irq_in, irq_out = trio.open_memory_channel[object](math.inf)
         async with trio.open_nursery() as nursery:
             k.nursery = nursery
