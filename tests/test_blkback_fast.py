@@ -132,3 +132,22 @@ def test_skip_takes_a_sequence_number_only_from_an_empty_queue() -> None:
     assert q.startable() == [1]
     q.complete(1)
     assert q.skip() == 2
+
+
+async def test_a_run_of_persistent_grants_is_found_once_and_forgotten_on_disconnect() -> None:
+    from services.backend.blkback_grants import GrantCache
+
+    class NoHv:
+        async def unmap(self, maps: object) -> None:
+            pass
+
+    cache = GrantCache(NoHv(), 1, persistent=True)  # type: ignore[arg-type]
+    cache._gfns.update({10: 100, 11: 101, 12: 102, 20: 300})
+    assert cache.lookup_run((10, 11, 12)) == 100
+    assert cache.lookup_run((10, 20)) is None  # frames apart
+    assert cache.lookup_run((10, 99)) is None  # 99 not mapped
+    cache._gfns[12] = 555  # (never happens while connected: the answer is kept)
+    assert cache.lookup_run((10, 11, 12)) == 100
+    await cache.release_all()
+    assert cache.lookup_run((10, 11, 12)) is None
+    assert GrantCache(NoHv(), 1, persistent=False).lookup_run((10,)) is None  # type: ignore[arg-type]

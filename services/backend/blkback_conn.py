@@ -206,13 +206,10 @@ class Blkif:
             if not nsect or sector + nsect > self.limits.sectors:
                 return False
             grefs = cols.grefs
-        gfns = lookup(grefs)
-        if gfns is None:
-            return False
-        g0, n = gfns[0], len(gfns)
-        if gfns[-1] - g0 != n - 1 or gfns != list(range(g0, g0 + n)):
-            return False  # frames apart: the general path builds the iovec
-        if g0 < 0 or g0 + n > self.memory.nr_pages:
+        g0 = self.grants.lookup_run(grefs)
+        if g0 is None:
+            return False  # not mapped yet, or frames apart: the general path
+        if g0 < 0 or g0 + len(grefs) > self.memory.nr_pages:
             return False
         seq = self.queue.skip()
         kind, nbytes = (_READ, _WRITE)[op], nsect * SECTOR_SIZE

@@ -133,6 +133,9 @@ class Dom0Hypervisor:
         return await self.chan.call(msg, timeout=HYPERCALL_TIMEOUT)
 
 
+RUNS_KEPT = 4096
+
+
 @attrs.define(eq=False)
 class GrantCache:
     """The mappings of one connection to ``domid``."""
@@ -142,6 +145,9 @@ class GrantCache:
     persistent: bool
     persistent_maps: dict[int, Mapping] = attrs.Factory(dict)
     _gfns: dict[int, int] = attrs.Factory(dict)  #: ref -> frame of persistent_maps
+    #: refs of a request -> frame of the first, when they are persistently
+    #: mapped frames that follow one another (a frontend reuses its page runs)
+    _runs: dict[tuple[int, ...], int] = attrs.Factory(dict)
     maps: int = 0
     unmaps: int = 0
     persistent_hits: int = 0
@@ -193,6 +199,25 @@ class GrantCache:
                 temporary.append(res)
         return results, temporary  # type: ignore[return-value]
 
+    def lookup_run(self, refs: tuple[int, ...]) -> int | None:
+        """The frame of ``refs[0]`` if every ref is persistently mapped and
+        their frames are consecutive (one buffer for the whole request), else
+        None. Persistent mappings stay until disconnect, so answers are kept."""
+        first = self._runs.get(refs)
+        if first is not None:
+            self.persistent_hits += len(refs)
+            return first
+        gfns = self.lookup(refs)
+        if gfns is None:
+            return None
+        g0, n = gfns[0], len(gfns)
+        if gfns[-1] - g0 != n - 1 or gfns != list(range(g0, g0 + n)):
+            return None
+        if len(self._runs) >= RUNS_KEPT:
+            self._runs.clear()
+        self._runs[refs] = g0
+        return g0
+
     async def release(self, temporary: Sequence[Mapping]) -> None:
         self.unmaps += len(temporary)
         await self.hv.unmap(temporary)
@@ -200,5 +225,5 @@ class GrantCache:
     async def release_all(self) -> None:
         """On disconnect: every persistent mapping goes too."""
         kept, self.persistent_maps = list(self.persistent_maps.values()), {}
-        self._gfns = {}
+        self._gfns, self._runs = {}, {}
         await self.release(kept)

@@ -68,7 +68,7 @@ def vdev_name(devid: int) -> str:
     return name + (str(part) if part else "")
 
 
-#: data put in the ring between two pushes (and at most one notification each)
+#: data written into the ring between two pushes (each at most one notification)
 PUSH_BYTES = 256 * 1024
 
 
@@ -182,8 +182,8 @@ class BlockDevice:
 
     async def kick(self) -> None:
         """Pump queued parts into the ring, publish, notify if asked to. Every
-        :data:`PUSH_BYTES` of data is published on its own, so the backend
-        starts on a big request while the next one is still being copied."""
+        :data:`PUSH_BYTES` of data written is published on its own, so the
+        backend starts on a big write while the next one is still being copied."""
         core = self.core
         while core is not None and core.pump(PUSH_BYTES):
             self._complete(core.take_completions())

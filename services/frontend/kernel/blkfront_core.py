@@ -164,8 +164,9 @@ class BlkfrontCore(GrantedPages):
     # --- requests -----------------------------------------------------------------------
     def pump(self, max_bytes: int = 0) -> int:
         """Put queued parts into the ring (not yet published); answers how many.
-        With ``max_bytes``, stop once the parts put carry that much data (the
-        caller publishes those so the backend can start on them)."""
+        With ``max_bytes``, stop once the parts put have had that much data
+        copied in (the caller publishes those so the backend can start on
+        them while the next ones are copied)."""
         put = moved = 0
         ring, pending = self.ring, self.pending
         while pending and ring is not None and self.live and not self.frozen:
@@ -190,7 +191,8 @@ class BlkfrontCore(GrantedPages):
                 head, tail = rq.split(part, max(limit, 1))
             if not self._issue(head, op, plan):
                 break  # out of pages or refs: answers will free some
-            moved += head.nsectors * rq.SECTOR
+            if op != READ:
+                moved += head.nsectors * rq.SECTOR  # copied in: worth publishing early
             pending.popleft()
             if tail is not None:
                 self.bios[part.bio] = attrs.evolve(
