@@ -576,3 +576,50 @@ async def test_an_io_context_reaps_its_own_bios_with_their_status() -> None:
     assert (mine.bio, mine.data) == (o, pattern(8, 5))
     with pytest.raises(RuntimeError):
         await ctx.reap()  # nothing in flight: it would wait forever
+
+
+def test_persistent_pages_come_back_as_the_runs_requests_of_that_size_gave() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True), pool=1200)
+    core = rig.core
+    for k in range(3):  # three 1 MiB requests in flight: three runs of 256 (+ indirect)
+        core.submit(BioKind.WRITE, 2048 * k, 2048, pattern(2048, k))
+    rig.run()
+    runs = {len(r) for r in core.persistent_free[256]}
+    assert runs == {256} and len(core.persistent_free[256]) == 3
+    granted = len(core.persistent_all)
+    for k in range(40):  # 4 KiB requests: singles, then pages peeled off one run
+        core.submit(BioKind.READ, 8 * k, 8)
+    rig.run()
+    assert len(core.persistent_all) == granted  # no new grant: free pages were enough
+    assert len(core.persistent_free[256]) >= 2  # two runs untouched
+    core.submit(BioKind.WRITE, 0, 2048, pattern(2048, 9))
+    core.pump()
+    (entry,) = [e for e in core.shadow if e is not None]
+    assert core._layout(entry.pages)[1] is not None  # one whole run of frames again
+    rig.run()
+    assert rig.be.grant_faults == 0 and rig.disk[: 2048 * 512] == pattern(2048, 9)
+
+
+def test_a_request_larger_than_any_free_run_gathers_and_the_pool_grows_by_the_shortfall() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True))
+    core = rig.core
+    core.submit(BioKind.WRITE, 0, 64, pattern(64, 1))  # 8 pages
+    rig.run()
+    assert {n: len(runs) for n, runs in core.persistent_free.items()} == {8: 1}
+    core.submit(BioKind.WRITE, 0, 80, pattern(80, 2))  # 10 pages: 8 free + 2 fresh
+    rig.run()
+    assert len(core.persistent_all) == 10 and core._free_count == 10
+    assert rig.disk[: 80 * 512] == pattern(80, 2)
+
+
+def test_responses_taken_a_budget_at_a_time() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True), pool=1200)
+    core = rig.core
+    for k in range(3):
+        core.submit(BioKind.READ, 2048 * k, 2048)
+    core.pump()
+    core.push()
+    rig.be.take()
+    rig.be.answer()
+    assert [core.take_responses(max_bytes=256 * 1024) for _ in range(4)] == [1, 1, 1, 0]
+    assert len(core.take_completions()) == 3

@@ -197,9 +197,16 @@ class BlockDevice:
         """The port's interrupt handler (``blkif_interrupt``)."""
         if self.core is None or port != self.port:
             return
-        self.core.take_responses()
-        self._complete(self.core.take_completions())
-        await self.kick()
+        self._kick_scheduled = True  # the loop below kicks: no task for it
+        try:
+            while (core := self.core) is not None and core.take_responses(PUSH_BYTES):
+                self._complete(core.take_completions())
+                await trio.sleep(0)  # whoever waited on those may queue more now
+                await self.kick()
+        finally:
+            self._kick_scheduled = False
+        if self.core is not None and self.core.pending:
+            self._schedule_kick()  # queued after our last kick
 
     def _complete(self, done: list[Completion]) -> None:
         contexts = self._contexts

@@ -86,7 +86,8 @@ class BlkfrontCore(GrantedPages):
         #: carried the whole bio (one copy, as ``pread``), else filled part by part
         self._reads: dict[int, bytes | bytearray] = {}
         self.pending: collections.deque[Part] = collections.deque()
-        self.persistent_free: list[tuple[int, int]] = []
+        self.persistent_free: dict[int, list[tuple[tuple[int, int], ...]]] = {}
+        self._free_count = 0
         self.persistent_all: dict[tuple[int, int], None] = {}  #: an ordered set
         self.frozen = False  #: a single-stepped ordered write is in flight
         self.live = False  #: between connect() and disconnect()
@@ -129,7 +130,7 @@ class BlkfrontCore(GrantedPages):
             self.stats["reissued"] += 1
         for gfn, ref in self.persistent_all:
             self._revoke(gfn, ref)
-        self.persistent_all, self.persistent_free = {}, []
+        self.persistent_all, self.persistent_free, self._free_count = {}, {}, 0
         self._forget_runs()
         for gfn, ref in self.ring_pages:
             self._revoke(gfn, ref)
@@ -255,34 +256,45 @@ class BlkfrontCore(GrantedPages):
         return notify
 
     # --- responses ----------------------------------------------------------------------
-    def take_responses(self) -> int:
+    def take_responses(self, max_bytes: int = 0) -> int:
         """Drain the ring until ``RING_FINAL_CHECK_FOR_RESPONSES`` says it is
-        safe to sleep; answers how many responses were taken."""
-        taken = 0
+        safe to sleep; answers how many responses were taken. With
+        ``max_bytes``, stop early once that much read data has been copied
+        out (the caller hands those over and calls again: the next requests
+        go out while the rest is copied)."""
+        taken = copied = 0
+        limit = 1 if max_bytes else None
         while self.ring is not None:
             try:
-                raws = self.ring.take_responses()
+                raws = self.ring.take_responses(limit)
             except RingError:
                 self.stats["bad_responses"] += 1
                 return taken
             self.stats["responses"] += len(raws)
             for raw in raws:
-                self._response(*_RESPONSE_FIELDS(raw))
+                copied += self._response(*_RESPONSE_FIELDS(raw))
             taken += len(raws)
+            if max_bytes and copied >= max_bytes:
+                break  # more may be waiting: the caller comes back
+            if raws and limit:
+                continue
             if self.ring is None or not self.ring.final_check_for_responses():
                 break
         return taken
 
-    def _response(self, rid: int, operation: int, status: int) -> None:
+    def _response(self, rid: int, operation: int, status: int) -> int:
+        """Handle one response; answers the bytes of read data it copied out."""
         entry = self.shadow[rid] if 0 <= rid < len(self.shadow) else None
         if entry is None:
             self.stats["bad_responses"] += 1  # an id we never issued, or answered twice
-            return
+            return 0
         if operation != entry.operation:
             self.stats["bad_responses"] += 1
             status = ERROR
+        copied = 0
         if entry.operation == READ and status == OKAY:
             self._copy_out(entry)
+            copied = entry.part.nsectors * rq.SECTOR
         self.shadow[rid] = None
         self._free_ids.append(rid)
         self._release(entry)
@@ -295,11 +307,12 @@ class BlkfrontCore(GrantedPages):
             self._flush_unsupported(entry.operation)
             if rq.carries_data(part.kind):
                 self.pending.appendleft(part)  # the data still has to be written
-                return
+                return copied
             status = OKAY  # Linux: the flush is done, flushes are off from now on
         if status != OKAY:
             self.stats["errors"] += 1
         self._part_done(part, status)
+        return copied
 
     def _flush_unsupported(self, op: int) -> None:
         if op == bi.BlkifOp.FLUSH_DISKCACHE:

@@ -27,7 +27,10 @@ class GrantedPages:
     backend_domid: int
     bios: dict[int, BioRecord]
     _reads: dict[int, bytes | bytearray]
-    persistent_free: list[tuple[int, int]]
+    #: free persistent pages as the runs requests gave back, by length (a
+    #: request of the same size takes one whole: same frames, same layout)
+    persistent_free: dict[int, list[tuple[tuple[int, int], ...]]]
+    _free_count: int
     persistent_all: dict[tuple[int, int], None]
     stats: collections.Counter[str]
     #: per run of persistent pages (first page, length): the pages, their refs,
@@ -41,17 +44,40 @@ class GrantedPages:
     def _data_pages(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
         if not self._persistent:
             return self._grant_fresh(n, readonly)
-        while len(self.persistent_free) < n:
-            more = self._grant_fresh(1, readonly=False)
+        if n == 0:
+            return []
+        runs = self.persistent_free.get(n)
+        if runs:  # a run a request of this size gave back: its layout is known
+            return list(self._take_run(n, runs))
+        if self._free_count < n:  # grow the pool by what is missing
+            more = self._grant_fresh(n - self._free_count, readonly=False)
             if more is None:
                 return None
             self.persistent_all.update(dict.fromkeys(more))
-            self.persistent_free += more
-        if n == 0:
-            return []
-        out = self.persistent_free[-n:]  # the pages freed last, often one run of frames
-        del self.persistent_free[-n:]
+            self._put_run(tuple(more))
+        out: list[tuple[int, int]] = []
+        while len(out) < n:
+            # peel what is needed off the shortest longer run, so that long
+            # runs stay whole; failing that, take the longest run whole
+            need = n - len(out)
+            size = min((k for k in self.persistent_free if k > need), default=0)
+            size = size or max(self.persistent_free)
+            run = self._take_run(size, self.persistent_free[size])
+            out += run[:need]
+            if len(run) > need:
+                self._put_run(run[need:])
         return out
+
+    def _take_run(self, size: int, runs: list[tuple[tuple[int, int], ...]]) -> tuple:
+        run = runs.pop()
+        if not runs:
+            del self.persistent_free[size]
+        self._free_count -= size
+        return run
+
+    def _put_run(self, run: tuple[tuple[int, int], ...]) -> None:
+        self.persistent_free.setdefault(len(run), []).append(run)
+        self._free_count += len(run)
 
     def _grant_fresh(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
         if n == 0:
@@ -64,8 +90,6 @@ class GrantedPages:
         return [(g, self.grants.grant(self.backend_domid, g, readonly)) for g in gfns]
 
     def _release(self, entry: ShadowEntry) -> None:
-        # indirect pages first: the data pages end the free list, one run of
-        # frames that the next request of the same size takes whole
         persistent = self._persistent
         if entry.indirect_pages:
             self._release_pages(entry.indirect_pages, persistent)
@@ -75,7 +99,7 @@ class GrantedPages:
         # A request's pages are all persistent or none is: _data_pages takes them
         # all from the pool, and the pool is only added to or emptied whole.
         if persistent and pages and pages[0] in self.persistent_all:
-            self.persistent_free += pages
+            self._put_run(tuple(pages))
             return
         for gfn, ref in pages:
             self._revoke(gfn, ref)
