@@ -143,7 +143,7 @@ async def measure(rounds: int, mib: int, nreads: int) -> dict[str, list[float]]:
 
 
 def run(quick: bool = False) -> list[Result]:
-    m = trio.run(measure, 1 if quick else 3, 128 if quick else 512, 4000 if quick else 20000)
+    m = trio.run(measure, 1 if quick else 5, 128 if quick else 2048, 4000 if quick else 40000)
     via = ", same file; guest blkfront -> blkback"
     return emit(
         [

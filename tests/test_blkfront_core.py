@@ -584,32 +584,46 @@ def test_persistent_pages_come_back_as_the_runs_requests_of_that_size_gave() -> 
     for k in range(3):  # three 1 MiB requests in flight: three runs of 256 (+ indirect)
         core.submit(BioKind.WRITE, 2048 * k, 2048, pattern(2048, k))
     rig.run()
-    runs = {len(r) for r in core.persistent_free[256]}
-    assert runs == {256} and len(core.persistent_free[256]) == 3
+    assert [len(r) for r in core.persistent_free[256]] == [256] * 3
     granted = len(core.persistent_all)
-    for k in range(40):  # 4 KiB requests: singles, then pages peeled off one run
+    for k in range(40):  # 4 KiB requests: the 3 indirect pages, then pages of their own
         core.submit(BioKind.READ, 8 * k, 8)
     rig.run()
-    assert len(core.persistent_all) == granted  # no new grant: free pages were enough
-    assert len(core.persistent_free[256]) >= 2  # two runs untouched
-    core.submit(BioKind.WRITE, 0, 2048, pattern(2048, 9))
-    core.pump()
-    (entry,) = [e for e in core.shadow if e is not None]
-    assert core._layout(entry.pages)[1] is not None  # one whole run of frames again
-    rig.run()
+    singles = len(core.persistent_all) - granted
+    assert 0 < singles <= 37  # (a ring of 32 slots: some were reused)
+    assert [len(r) for r in core.persistent_free[256]] == [256] * 3  # runs left whole
+    for _ in range(2):
+        core.submit(BioKind.WRITE, 0, 2048, pattern(2048, 9))
+        core.pump()
+        (entry,) = [e for e in core.shadow if e is not None]
+        assert core._layout(entry.pages)[1] is not None  # one run of frames again
+        rig.run()
     assert rig.be.grant_faults == 0 and rig.disk[: 2048 * 512] == pattern(2048, 9)
+    assert len(core.persistent_all) == granted + singles  # and no new grant for it
 
 
-def test_a_request_larger_than_any_free_run_gathers_and_the_pool_grows_by_the_shortfall() -> None:
+def test_a_full_pool_peels_requests_off_the_shortest_longer_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.frontend.kernel import blkfront_pages
+
+    monkeypatch.setattr(blkfront_pages, "MAX_PERSISTENT_PAGES", 10)
     rig = make(attrs.evolve(FULL, persistent=True))
     core = rig.core
     core.submit(BioKind.WRITE, 0, 64, pattern(64, 1))  # 8 pages
+    core.submit(BioKind.WRITE, 64, 16, pattern(16, 2))  # 2 pages: the pool is full
     rig.run()
-    assert {n: len(runs) for n, runs in core.persistent_free.items()} == {8: 1}
-    core.submit(BioKind.WRITE, 0, 80, pattern(80, 2))  # 10 pages: 8 free + 2 fresh
+    eight = core.persistent_free[8][0]
+    core.submit(BioKind.WRITE, 100, 32, pattern(32, 3))  # 4 pages: peeled off the 8
+    core.pump()
+    (entry,) = [e for e in core.shadow if e is not None]
+    assert entry.pages == eight[:4]
+    assert {n: len(r) for n, r in core.persistent_free.items()} == {2: 1, 4: 1}
+    rig.run()
+    core.submit(BioKind.WRITE, 0, 80, pattern(80, 4))  # 10 pages: everything, gathered
     rig.run()
     assert len(core.persistent_all) == 10 and core._free_count == 10
-    assert rig.disk[: 80 * 512] == pattern(80, 2)
+    assert rig.disk[: 80 * 512] == pattern(80, 4) and rig.be.grant_faults == 0
 
 
 def test_responses_taken_a_budget_at_a_time() -> None:

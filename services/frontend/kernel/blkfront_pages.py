@@ -15,6 +15,9 @@ from shared.abi.ring import PAGE_SIZE
 
 GFN, REF = operator.itemgetter(0), operator.itemgetter(1)
 _RUNS_KEPT = 4096
+#: persistent pages one vbd keeps granted: 16 requests of 256 segments and an
+#: indirect page each, what blkback keeps mapped (``MAX_PERSISTENT_GRANTS``)
+MAX_PERSISTENT_PAGES = 16 * 257
 
 
 class GrantedPages:
@@ -28,7 +31,10 @@ class GrantedPages:
     bios: dict[int, BioRecord]
     _reads: dict[int, bytes | bytearray]
     #: free persistent pages as the runs requests gave back, by length (a
-    #: request of the same size takes one whole: same frames, same layout)
+    #: request of the same size takes one whole: same frames, same layout),
+    #: oldest first: the other side touched it longest ago, so copying into it
+    #: pulls no cache lines from the other core (the newest made a 1 MiB copy
+    #: take twice as long)
     persistent_free: dict[int, list[tuple[tuple[int, int], ...]]]
     _free_count: int
     persistent_all: dict[tuple[int, int], None]
@@ -49,16 +55,21 @@ class GrantedPages:
         runs = self.persistent_free.get(n)
         if runs:  # a run a request of this size gave back: its layout is known
             return list(self._take_run(n, runs))
-        if self._free_count < n:  # grow the pool by what is missing
-            more = self._grant_fresh(n - self._free_count, readonly=False)
-            if more is None:
-                return None
-            self.persistent_all.update(dict.fromkeys(more))
-            self._put_run(tuple(more))
+        if len(self.persistent_all) + n <= MAX_PERSISTENT_PAGES:
+            # a size not seen yet: new pages, one run of frames if there is one
+            # (taking them from other sizes' runs would break those for good)
+            gfns = self.pool.alloc_run(n) if n > 1 else None
+            more = self._grant_fresh(n, readonly=False, gfns=gfns)
+            if more is not None:
+                self.persistent_all.update(dict.fromkeys(more))
+                return more
+        if self._free_count < n:
+            return None  # wait for answers to give pages back
         out: list[tuple[int, int]] = []
         while len(out) < n:
-            # peel what is needed off the shortest longer run, so that long
-            # runs stay whole; failing that, take the longest run whole
+            # the pool is full: peel what is needed off the shortest longer
+            # run, so that long runs stay whole; failing that, take the
+            # longest run whole
             need = n - len(out)
             size = min((k for k in self.persistent_free if k > need), default=0)
             size = size or max(self.persistent_free)
@@ -69,7 +80,7 @@ class GrantedPages:
         return out
 
     def _take_run(self, size: int, runs: list[tuple[tuple[int, int], ...]]) -> tuple:
-        run = runs.pop()
+        run = runs.pop(0)  # the oldest: see persistent_free
         if not runs:
             del self.persistent_free[size]
         self._free_count -= size
@@ -79,12 +90,17 @@ class GrantedPages:
         self.persistent_free.setdefault(len(run), []).append(run)
         self._free_count += len(run)
 
-    def _grant_fresh(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
+    def _grant_fresh(
+        self, n: int, readonly: bool, gfns: list[int] | None = None
+    ) -> list[tuple[int, int]] | None:
+        """``n`` pages granted now (``gfns``, else any free frames)."""
         if n == 0:
             return []
         if self.grants.available < n:
+            if gfns:
+                self.pool.free(gfns)
             return None
-        gfns = self.pool.alloc(n)
+        gfns = gfns or self.pool.alloc(n)
         if gfns is None:
             return None
         return [(g, self.grants.grant(self.backend_domid, g, readonly)) for g in gfns]
