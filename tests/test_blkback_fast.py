@@ -4,6 +4,8 @@ every refusal on (where it is refused and counted)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,3 +153,70 @@ async def test_a_run_of_persistent_grants_is_found_once_and_forgotten_on_disconn
     await cache.release_all()
     assert cache.lookup_run((10, 11, 12)) is None
     assert GrantCache(NoHv(), 1, persistent=False).lookup_run((10,)) is None  # type: ignore[arg-type]
+
+
+async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) -> None:
+    """Four 1 MiB reads in one kick: each response is pushed as soon as its
+    data is in (PUSH_BYTES), so the frontend copies one while we read the
+    next; four 4 KiB reads still go out in one push."""
+    import collections
+
+    from services.backend.blkback_conn import PUSH_BYTES, Blkif
+    from services.backend.blkback_grants import GrantCache
+    from services.backend.blkback_image import DiskImage
+    from services.backend.blkback_order import ExecutionLog
+    from shared.abi import blkif as bi
+    from shared.guestmem import GuestMemory
+
+    assert 4096 < PUSH_BYTES <= 1 << 20
+    image_path = tmp_path / "disk.img"
+    image_path.write_bytes(bytes(8 << 20))
+    image = DiskImage.open(image_path, readonly=False)
+    mem = GuestMemory.create(tmp_path / "ram", 2048)
+    ring_buf = bytearray(4096)
+    front = bi.blkif_front_ring(ring_buf)
+    back = bi.blkif_back_ring(ring_buf)
+
+    class Hv:
+        notified = 0
+
+        async def notify(self, port: int) -> None:
+            self.notified += 1
+
+    grants = GrantCache(Hv(), 1, persistent=True)  # type: ignore[arg-type]
+    data_refs = list(range(1000, 1000 + 1024))  # 4 runs of 256 frames from frame 100
+    grants._gfns.update({ref: 100 + k for k, ref in enumerate(data_refs)})
+    grants._gfns.update({2000 + k: 10 + k for k in range(4)})  # the indirect pages
+    limits = DeviceLimits(16384, False, True, 256, True)
+    blkif = Blkif(
+        1, Hv(), mem, back, 5, grants, image, limits, ExecutionLog(), collections.Counter()
+    )  # type: ignore[arg-type]
+    pushes: list[int] = []
+    real_push = blkif._push
+
+    async def counted() -> None:
+        pushes.append(back.rsp_prod_pvt)
+        await real_push()
+
+    blkif._push = counted  # type: ignore[method-assign]
+    try:
+        for k in range(4):
+            refs = data_refs[256 * k : 256 * (k + 1)]
+            page = bi.encode_indirect_page([bi.Segment(r, 0, 7) for r in refs])
+            mem.write(10 + k, 0, page)
+            front.put_request(
+                BlkifRequestIndirect(OP.READ, 256, k, 2048 * k, 0, (2000 + k,)).encode()
+            )
+        front.push_requests()
+        await blkif._intake()
+        assert pushes == [1, 2, 3, 4]  # one push per 1 MiB answer
+        assert blkif.counters["op:read"] == 4 and blkif.counters["requests"] == 4
+        for k in range(4):
+            front.put_request(rw(OP.READ, 8 * k, (1000 + k, 0, 7)))
+        front.push_requests()
+        pushes.clear()
+        await blkif._intake()
+        assert pushes == [8]  # small ones: one push for the batch
+    finally:
+        image.close()
+        mem.close()

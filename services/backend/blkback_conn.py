@@ -60,8 +60,10 @@ _RESPONSE = RESPONSE.struct
 _OP_COUNTER = {k: f"op:{k.value}" for k in Kind}
 _DATA_KINDS = (Kind.READ, Kind.WRITE)
 _READ, _WRITE = Kind.READ, Kind.WRITE
-# Requests taken off the ring between two pushes of responses.
+# Requests taken off the ring between two pushes of responses...
 INTAKE_BATCH = 4
+# ... or fewer, once the ones run inline moved this much data.
+PUSH_BYTES = 512 * 1024
 
 
 @attrs.define(eq=False)
@@ -109,6 +111,7 @@ class Blkif:
         self._idle = trio.Event()
         self._closing = False
         self._unpushed = False  # responses written since the last push
+        self._unpushed_bytes = 0  #: data those moved (inline requests)
         self.broken = False
         self._cancel = trio.CancelScope()
 
@@ -160,6 +163,8 @@ class Blkif:
                 return
             for slot in slots:
                 self._accept(slot)
+                if self._unpushed_bytes >= PUSH_BYTES:
+                    await self._push()  # a big one done: the frontend copies it now
             self._dispatch()
             if self._unpushed:
                 await self._push()
@@ -233,6 +238,7 @@ class Blkif:
         self.ring.put_response(_RESPONSE.pack(rid, op, status))
         counters["responses"] += 1
         self._unpushed = True
+        self._unpushed_bytes += nbytes
         return True
 
     def _refused(self, why: str, status: int) -> None:
@@ -465,6 +471,7 @@ class Blkif:
 
     async def _push(self) -> None:
         self._unpushed = False
+        self._unpushed_bytes = 0
         if self.ring.push_responses_and_check_notify():
             self.counters["notifications"] += 1
             await self.hv.notify(self.port)
