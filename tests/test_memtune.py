@@ -12,16 +12,14 @@ from shared import memtune
 before = gc.get_threshold()
 made = [[] for _ in range(1000)]  # start-up objects
 memtune.calm_gc()
-print(gc.get_freeze_count() >= 1000, gc.get_threshold()[0], before[1:] == gc.get_threshold()[1:])
+print(gc.get_freeze_count() >= 1000, before == gc.get_threshold(), gc.get_count()[0] < 1000)
 print(memtune.keep_large_buffers())
 """
 
 
-def test_calm_gc_freezes_start_up_objects_and_spaces_young_collections() -> None:
+def test_calm_gc_freezes_start_up_objects() -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60, check=True
     ).stdout.split()
-    from shared.memtune import GC_THRESHOLD
-
-    assert out[:3] == ["True", str(GC_THRESHOLD), "True"]
+    assert out[:3] == ["True", "True", "True"]
     assert out[3] in ("True", "False")  # False only off glibc
