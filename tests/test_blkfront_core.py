@@ -637,3 +637,17 @@ def test_responses_taken_a_budget_at_a_time() -> None:
     rig.be.answer()
     assert [core.take_responses(max_bytes=256 * 1024) for _ in range(4)] == [1, 1, 1, 0]
     assert len(core.take_completions()) == 3
+
+
+def test_answers_taken_but_not_yet_handled_count_at_a_disconnect() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True), pool=1200)
+    core = rig.core
+    bios = [core.submit(BioKind.READ, 2048 * k, 2048) for k in range(3)]
+    core.pump()
+    core.push()
+    rig.be.take()
+    rig.be.answer()
+    assert core.take_responses(max_bytes=1 << 20) == 1  # two wait in the backlog
+    core.disconnect()  # the backend went away: the two answers still count
+    assert [c.bio for c in core.take_completions()] == bios
+    assert not core.pending and core.stats["reissued"] == 0

@@ -94,6 +94,7 @@ class BlkfrontCore(GrantedPages):
         self.next_bio = 1
         self.next_seq = 1
         self.completions: list[Completion] = []
+        self._backlog: list[bytes] = []  #: responses taken off the ring, not yet handled
         self._runs = {}
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -122,7 +123,11 @@ class BlkfrontCore(GrantedPages):
 
     def disconnect(self) -> None:
         """The ring is gone: unanswered parts go back to the queue head in issue
-        order, and every grant of this connection is revoked (or leaked)."""
+        order, and every grant of this connection is revoked (or leaked).
+        Answers already taken off the ring are honoured first."""
+        backlog, self._backlog = self._backlog, []
+        for raw in backlog:
+            self._response(*_RESPONSE_FIELDS(raw))
         entries = sorted((e for e in self.shadow if e is not None), key=lambda e: e.part.seq)
         for entry in reversed(entries):
             self._release(entry)
@@ -258,29 +263,30 @@ class BlkfrontCore(GrantedPages):
     # --- responses ----------------------------------------------------------------------
     def take_responses(self, max_bytes: int = 0) -> int:
         """Drain the ring until ``RING_FINAL_CHECK_FOR_RESPONSES`` says it is
-        safe to sleep; answers how many responses were taken. With
+        safe to sleep; answers how many responses were handled. With
         ``max_bytes``, stop early once that much read data has been copied
         out (the caller hands those over and calls again: the next requests
-        go out while the rest is copied)."""
-        taken = copied = 0
-        limit = 1 if max_bytes else None
+        go out while the rest is copied); responses already taken off the
+        ring wait in ``_backlog`` for that call."""
+        handled = copied = 0
         while self.ring is not None:
-            try:
-                raws = self.ring.take_responses(limit)
-            except RingError:
-                self.stats["bad_responses"] += 1
-                return taken
-            self.stats["responses"] += len(raws)
-            for raw in raws:
+            raws, self._backlog = self._backlog, []
+            if not raws:
+                try:
+                    raws = self.ring.take_responses()
+                except RingError:
+                    self.stats["bad_responses"] += 1
+                    return handled
+                self.stats["responses"] += len(raws)
+            for k, raw in enumerate(raws):
                 copied += self._response(*_RESPONSE_FIELDS(raw))
-            taken += len(raws)
-            if max_bytes and copied >= max_bytes:
-                break  # more may be waiting: the caller comes back
-            if raws and limit:
-                continue
+                if max_bytes and copied >= max_bytes:
+                    self._backlog = raws[k + 1 :]
+                    return handled + k + 1  # more may be waiting: the caller comes back
+            handled += len(raws)
             if self.ring is None or not self.ring.final_check_for_responses():
                 break
-        return taken
+        return handled
 
     def _response(self, rid: int, operation: int, status: int) -> int:
         """Handle one response; answers the bytes of read data it copied out."""
