@@ -15,6 +15,7 @@ import trio
 
 from services.toolstack import _runfiles
 from services.toolstack._testing import CLI, ScratchHost, leftovers, run_cli, temporary_host
+from services.xenstore.journal import state_files
 from shared import messages
 from shared.topology import SERVICES
 from shared.transport import open_channel
@@ -86,11 +87,16 @@ async def test_up_status_kill_restart_down(scratch: ScratchHost) -> None:
         fake_ram = Path(f"/dev/shm/domsplit-{scratch.name}-guest1")
         fake_ram.write_bytes(b"\0" * 4096)
 
+        store = state_files(scratch.host.rundir)  # as a store with domains in it leaves
+        for path in store:
+            path.touch()
+
         down = await cli_ok("host", "down", *t)
         assert down["via"] == "supervisor"
         assert _runfiles.wait_gone(list(recorded.processes.values()), 5) == []
         assert leftovers(scratch) == CLEAN
         assert not fake_ram.exists()
+        assert not any(p.exists() for p in store)  # the next host starts with an empty store
 
 
 async def test_down_cleans_up_after_a_dead_supervisor(scratch: ScratchHost) -> None:

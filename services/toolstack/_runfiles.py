@@ -24,6 +24,7 @@ from pathlib import Path
 
 import attrs
 
+from services.xenstore.journal import state_files
 from shared.topology import Host
 
 PID_FILE = "supervisor.pid"
@@ -175,11 +176,14 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 def remove_run_files(host: Host) -> list[Path]:
     """Remove every socket and FIFO under the host's run dir (a dom0 process
-    killed with SIGKILL leaves its event-channel device), the pid file and the
-    host's guest RAM files in /dev/shm; keep the logs. Returns what it removed."""
+    killed with SIGKILL leaves its event-channel device), the pid file, the
+    host's guest RAM files in /dev/shm and xenstored's journal and snapshot
+    (they describe domains that died with the hypervisor: a host starts with an
+    empty store, as xencommons wipes the tdb at boot; xenstored restarted on
+    its own keeps them); keep the logs. Returns what it removed."""
     removed = []
     candidates = [p for p in host.rundir.rglob("*") if _is_socket(p) or _is_fifo(p)]
-    candidates += [pid_file(host), *shm_files(host)]
+    candidates += [pid_file(host), *shm_files(host), *state_files(host.rundir)]
     for path in candidates:
         try:
             path.unlink()

@@ -34,6 +34,12 @@ import attrs
 import msgpack
 
 JOURNAL_MAGIC = b"DSXSJNL1"
+
+
+def state_files(directory: Path) -> tuple[Path, Path]:
+    """``(journal, snapshot)`` of the store kept in ``directory``."""
+    return directory / "xenstore.journal", directory / "xenstore.snapshot"
+
 SNAPSHOT_MAGIC = b"DSXSSNP1"
 _HEADER = struct.Struct("<8sQ")  # magic, epoch
 _RECORD = struct.Struct("<II")  # length, crc32 of the payload
@@ -124,11 +130,11 @@ class Journal:
 
     @property
     def journal_path(self) -> Path:
-        return self.directory / "xenstore.journal"
+        return state_files(self.directory)[0]
 
     @property
     def snapshot_path(self) -> Path:
-        return self.directory / "xenstore.snapshot"
+        return state_files(self.directory)[1]
 
     def load(self) -> tuple[dict[str, Any] | None, list[list[Any]]]:
         """The last snapshot (None if there is none) and the records after it."""
