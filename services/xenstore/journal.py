@@ -40,6 +40,7 @@ def state_files(directory: Path) -> tuple[Path, Path]:
     """``(journal, snapshot)`` of the store kept in ``directory``."""
     return directory / "xenstore.journal", directory / "xenstore.snapshot"
 
+
 SNAPSHOT_MAGIC = b"DSXSSNP1"
 _HEADER = struct.Struct("<8sQ")  # magic, epoch
 _RECORD = struct.Struct("<II")  # length, crc32 of the payload
