@@ -220,3 +220,21 @@ async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) ->
     finally:
         image.close()
         mem.close()
+
+
+def test_one_buffer_transfer_and_a_short_one(tmp_path: Path) -> None:
+    from services.backend.blkback_image import DiskImage
+
+    path = tmp_path / "img"
+    path.write_bytes(bytes(range(256)) * 32)  # 8 KiB
+    image = DiskImage.open(path, readonly=False)
+    try:
+        buf = bytearray(4096)
+        image.transfer(False, 4096, memoryview(buf))
+        assert bytes(buf) == path.read_bytes()[4096:]
+        image.transfer(True, 0, memoryview(b"\xaa" * 512))
+        assert path.read_bytes()[:512] == b"\xaa" * 512
+        with pytest.raises(OSError):  # past the end: a short read is an error
+            image.transfer(False, 6144, memoryview(bytearray(4096)))
+    finally:
+        image.close()

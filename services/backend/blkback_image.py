@@ -101,6 +101,13 @@ class DiskImage:
     def writev(self, offset: int, buffers: Sequence[memoryview]) -> None:
         _transfer(os.pwritev, self.fd, offset, buffers)
 
+    def transfer(self, write: bool, offset: int, buf: memoryview) -> None:
+        """One buffer read (or written) at ``offset``: one system call unless
+        it comes up short."""
+        done = (os.pwrite if write else os.preadv)(self.fd, buf if write else (buf,), offset)
+        if done != buf.nbytes:
+            _transfer(os.pwritev if write else os.preadv, self.fd, offset + done, (buf[done:],))
+
     def flush(self) -> None:
         """Commit every completed write to stable storage."""
         os.fdatasync(self.fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import operator
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Self, TypeAlias
@@ -382,6 +383,16 @@ class BackRing:
         if idx == self.req_cons:
             raise RingError("no consumed request is waiting for a response")
         self.sring.write_slot(idx, data)
+        self.rsp_prod_pvt = (idx + 1) & RING_IDX_MASK
+        return idx
+
+    def put_response_packed(self, st: struct.Struct, *values: object) -> int:
+        """:meth:`put_response` of ``st.pack(*values)``, packed in place."""
+        idx = self.rsp_prod_pvt
+        if idx == self.req_cons:
+            raise RingError("no consumed request is waiting for a response")
+        sring = self.sring
+        st.pack_into(sring.buf, sring.slot_offset(idx), *values)
         self.rsp_prod_pvt = (idx + 1) & RING_IDX_MASK
         return idx
 
