@@ -221,14 +221,16 @@ class BlkfrontCore(GrantedPages):
         assert ring is not None
         data = part.kind in _DATA_BIOS
         npages = (part.nsectors + rq.SECTORS_PER_PAGE - 1) // rq.SECTORS_PER_PAGE if data else 0
-        nind = rq.indirect_pages_needed(op, npages)
         pages = self._data_pages(npages, readonly=op != READ)
         if pages is None:
             return False
-        ind = self._data_pages(nind, readonly=True)  # persistent too, as Linux does
-        if ind is None:
-            self._release_pages(pages, persistent=self._persistent)
-            return False
+        ind: list[tuple[int, int]] | None = []
+        if npages > bi.BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            nind = rq.indirect_pages_needed(op, npages)
+            ind = self._data_pages(nind, readonly=True)  # persistent too, as Linux does
+            if ind is None:
+                self._release_pages(pages, persistent=self._persistent)
+                return False
         pages_t = tuple(pages)
         data_refs, start = self._layout(pages_t)
         if op != READ and data:
@@ -247,7 +249,8 @@ class BlkfrontCore(GrantedPages):
             ring.put_request(rq.encode(op, self.handle, rid, part, data_refs, []))
         if op in _FLUSH_OPS:
             self.stats["barriers" if op == WRITE_BARRIER else "flushes"] += 1
-        self.shadow[rid] = ShadowEntry(rid, part, op, pages_t, tuple(ind), plan is Plan.ALONE)
+        ind_t = tuple(ind) if ind else ()
+        self.shadow[rid] = ShadowEntry(rid, part, op, pages_t, ind_t, plan is Plan.ALONE)
         self.stats["requests"] += 1
         return True
 
