@@ -5,11 +5,10 @@ or refuses each (:mod:`blkback_request`), queues the admitted ones
 (:mod:`blkback_order`) and starts whatever the queue allows.
 
 A READ or WRITE whose grants are all persistently mapped already (the steady
-state with ``feature-persistent``) and whose data fits :data:`INLINE_LIMIT`
-runs right there, on the intake task: no hypercall, no task, no thread, its
-I/O one ``preadv``/``pwritev`` over the guest's pages with adjacent frames
-merged into one iovec entry. The responses of everything one intake ran are
-pushed together, with at most one notification.
+state with ``feature-persistent``) and whose data fits ``INLINE_LIMIT`` runs
+right there, on the intake task (:mod:`blkback_inline`). The responses of
+everything one intake ran are pushed together, with at most one
+notification, or sooner once they moved :data:`PUSH_BYTES`.
 
 Anything else goes into a *round*: one task that maps every grant of its
 requests in one hypercall (a second one for the data pages behind indirect
@@ -28,9 +27,9 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from services.backend.blkback_fast import WRITE, fast_request, whole_page_sectors
 from services.backend.blkback_grants import Dom0Hypervisor, GrantCache, GrantError, Mapping
 from services.backend.blkback_image import INLINE_LIMIT, DiskImage, run_blocking
+from services.backend.blkback_inline import OP_COUNTER, InlineRequests
 from services.backend.blkback_order import ExecutionLog, OrderingQueue
 from services.backend.blkback_request import (
     Admitted,
@@ -57,12 +56,7 @@ STOP_TIMEOUT = 10.0
 
 
 _RESPONSE = RESPONSE.struct
-_OP_COUNTER = {k: f"op:{k.value}" for k in Kind}
 _DATA_KINDS = (Kind.READ, Kind.WRITE)
-#: by READ (0) and WRITE (1): the execution log's name, the counter
-_FAST_NAMES = (Kind.READ.value, Kind.WRITE.value)
-_FAST_COUNTERS = (_OP_COUNTER[Kind.READ], _OP_COUNTER[Kind.WRITE])
-OKAY, ERROR = int(BlkifRsp.OKAY), int(BlkifRsp.ERROR)
 # Requests taken off the ring between two pushes of responses...
 INTAKE_BATCH = 4
 # ... or fewer, once the ones run inline moved this much data.
@@ -81,7 +75,7 @@ class _Job:
     gfns: list[int] = attrs.Factory(list)  #: frame of each data segment, in order
 
 
-class Blkif:
+class Blkif(InlineRequests):
     """A ring to frontend ``domid`` on event channel ``port`` (ours)."""
 
     def __init__(
@@ -191,56 +185,6 @@ class Blkif:
         seq = self.queue.submit(admitted.kind)
         self._jobs[seq] = _Job(seq, admitted, io, self.limits, rsp_op)
 
-    def _run_fast(self, slot: bytes) -> bool:
-        """Run a steady-state READ or WRITE (:mod:`blkback_fast`) to its
-        response now, when nothing else is queued and every grant it names is
-        persistently mapped; False leaves it to the general path."""
-        got = fast_request(slot, self.limits)
-        if got is None or self.image is None:
-            return False
-        rid, op, sector, nsect, grefs, indirect = got
-        lookup = self.grants.lookup
-        if indirect:
-            pages = lookup(indirect)
-            if pages is None or max(pages) >= self.memory.nr_pages:
-                return False
-            view = self.memory.view
-            raw = b"".join([view[g * PAGE_SIZE : (g + 1) * PAGE_SIZE] for g in pages])
-            try:
-                cols = indirect_columns(raw, nsect)
-            except BlkifProtocolError:
-                return False
-            nsect = whole_page_sectors(cols.firsts, cols.lasts)
-            if not nsect or sector + nsect > self.limits.sectors:
-                return False
-            grefs = cols.grefs
-        g0 = self.grants.lookup_run(grefs)
-        if g0 is None:
-            return False  # not mapped yet, or frames apart: the general path
-        if g0 < 0 or g0 + len(grefs) > self.memory.nr_pages:
-            return False
-        seq = self.queue.skip()
-        name, nbytes = _FAST_NAMES[op], nsect * SECTOR_SIZE
-        log = self.log.record_fields
-        log(self.conn_id, seq, rid, name, "start", sector, nsect)
-        status = OKAY
-        with self.memory.view[g0 * PAGE_SIZE : g0 * PAGE_SIZE + nbytes] as buf:
-            try:
-                self.image.transfer(op == WRITE, sector * SECTOR_SIZE, buf)
-            except OSError as exc:
-                status = ERROR
-                self._refused(f"io: {exc}", status)
-        log(self.conn_id, seq, rid, name, "done", sector, nsect)
-        counters = self.counters
-        if status == OKAY:
-            counters[_FAST_COUNTERS[op]] += 1
-            counters["bytes"] += nbytes
-        self.ring.put_response_packed(_RESPONSE, rid, op, status)
-        counters["responses"] += 1
-        self._unpushed = True
-        self._unpushed_bytes += nbytes
-        return True
-
     def _refused(self, why: str, status: int) -> None:
         self.counters["errors"] += 1
         reason = why.split(":")[0] if ":" in why else why.split(" ")[0]
@@ -256,30 +200,6 @@ class Blkif:
                 self._nursery.start_soon(self._round, slow)
             if len(slow) == len(jobs):
                 return  # nothing completed, so nothing new can start
-
-    def _run_inline(self, job: _Job) -> bool:
-        """Run ``job`` to its response now if it needs no hypercall and no thread."""
-        adm = job.admitted
-        if adm.kind not in _DATA_KINDS:
-            return False
-        grants = self.grants
-        if adm.indirect_grefs and job.plan is None:
-            pages = grants.lookup(adm.indirect_grefs)
-            if pages is None:
-                return False
-            self._read_indirect(job, pages)
-        if job.status == BlkifRsp.OKAY:
-            io = job.plan
-            assert io is not None
-            if io.nbytes > INLINE_LIMIT:
-                return False
-            gfns = grants.lookup(io.segments.grefs)
-            if gfns is None:
-                return False
-            job.gfns = gfns
-            self._execute_inline(job)
-        self._respond(job)
-        return True
 
     def _respond(self, job: _Job) -> None:
         self.queue.complete(job.seq)
@@ -399,32 +319,6 @@ class Blkif:
         bufs.append(view[start:end])
         return bufs
 
-    def _execute_inline(self, job: _Job) -> None:
-        """A READ or WRITE of at most INLINE_LIMIT bytes, on this thread."""
-        io = self._current_plan(job)
-        if io is None:
-            return
-        image = self.image
-        assert image is not None or not io.nbytes
-        bufs: list[memoryview] = []
-        try:
-            bufs = self._buffers(io, job.gfns)
-            self._record(job, "start", io)
-            if image is not None and bufs:
-                if io.kind is Kind.READ:
-                    image.readv(io.offset, bufs)
-                else:
-                    image.writev(io.offset, bufs)
-            self._record(job, "done", io)
-            self.counters[_OP_COUNTER[io.kind]] += 1
-            self.counters["bytes"] += io.nbytes
-        except (OSError, GuestMemoryError) as exc:
-            job.status = BlkifRsp.ERROR
-            self._refused(f"io: {exc}", BlkifRsp.ERROR)
-        finally:
-            for b in bufs:
-                b.release()
-
     async def _execute(self, job: _Job) -> None:
         io = self._current_plan(job)
         if io is None:
@@ -436,7 +330,7 @@ class Blkif:
             self._record(job, "start", io)
             await self._do_io(image, io, bufs)
             self._record(job, "done", io)
-            self.counters[_OP_COUNTER[io.kind]] += 1
+            self.counters[OP_COUNTER[io.kind]] += 1
             self.counters["bytes"] += io.nbytes
         except (OSError, GuestMemoryError) as exc:
             job.status = BlkifRsp.ERROR

@@ -27,6 +27,7 @@ import trio
 
 from services.frontend.kernel.blkfront_core import BlkfrontCore, Completion
 from services.frontend.kernel.blkfront_gnttab import kernel_grants
+from services.frontend.kernel.blkfront_io import BlockIOError, IoContext
 from services.frontend.kernel.blkfront_state import BackendInfo, BioKind, BlkfrontStats
 from services.frontend.kernel.xbdriver import FrontendDriver, XenbusDevice
 from shared.abi import blkif as bi
@@ -43,10 +44,6 @@ MAX_RING_PAGE_ORDER = (
 PortHandler = Callable[[int], Awaitable[None]]
 
 _DEVICES: weakref.WeakKeyDictionary[Kernel, dict[str, BlockDevice]] = weakref.WeakKeyDictionary()
-
-
-class BlockIOError(OSError):
-    """A bio that did not complete with BLKIF_RSP_OKAY."""
 
 
 def vdev_name(devid: int) -> str:
@@ -221,45 +218,6 @@ class BlockDevice:
                 ev.set()
         if done:
             self.k.touch()
-
-
-class IoContext:
-    """Bios queued without waiting for each (``io_submit``) and collected as
-    they complete (``io_getevents``): how fio's libaio engine keeps a queue
-    depth from one thread. Made by :meth:`BlockDevice.io_context`."""
-
-    def __init__(self, dev: BlockDevice) -> None:
-        self.dev = dev
-        self.in_flight = 0
-        self._ready: list[Completion] = []
-        self._wakeup = trio.Event()
-
-    def start(self, kind: BioKind, sector: int, nsectors: int = 0, data: bytes = b"") -> int:
-        """Queue one bio; its :class:`Completion` comes back from :meth:`reap`."""
-        dev = self.dev
-        if dev.core is None:
-            raise BlockIOError(errno.ENXIO, f"{dev.name}: not attached")
-        bio = dev.core.submit(kind, sector, nsectors, data)
-        dev._contexts[bio] = self
-        self.in_flight += 1
-        dev._schedule_kick()
-        return bio
-
-    async def reap(self) -> list[Completion]:
-        """Completions of this context's bios, at least one (waiting for it).
-        A failed bio is a completion with its status, not an exception."""
-        while not self._ready:
-            if not self.in_flight:
-                raise RuntimeError("reap with no bio in flight")
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        out, self._ready = self._ready, []
-        self.in_flight -= len(out)
-        return out
-
-    def _done(self, c: Completion) -> None:
-        self._ready.append(c)
-        self._wakeup.set()
 
 
 def devices(k: Kernel) -> dict[str, BlockDevice]:
