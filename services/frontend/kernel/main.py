@@ -91,7 +91,11 @@ class Guest:
             if due and self.k.cfg.rundir:
                 path = report.report_path(self.k.cfg.rundir, self.k.domid, self.k.cpu)
                 body = report.encode(self.status())
-                await trio.to_thread.run_sync(_write_in_background, path, body)
+                try:
+                    await trio.to_thread.run_sync(_write_in_background, path, body)
+                except OSError as exc:  # (the run directory going away): try again later
+                    print(f"report not written: {exc}", file=sys.stderr, flush=True)
+                    continue
                 written, churned, last = v, c, trio.current_time()
 
     async def run_workload(self, spec: dict[str, Any]) -> dict[str, Any] | None:

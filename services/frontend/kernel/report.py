@@ -25,6 +25,7 @@ authoritative exit counts; ``exits`` here is what the guest believes it made.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -90,7 +91,10 @@ def write_bytes_atomic(path: Path, body: bytes) -> None:
     report or the new one. Only system calls, so a worker thread can run it
     without holding up the vCPU's interrupts (creating and renaming a file
     costs ~0.3 ms on ext4 here)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    # a name of its own per write: the reporter thread and the vCPU's own
+    # thread may both be writing (two writers sharing one temporary file had
+    # one rename fail and take the vCPU process down)
+    tmp = f"{path}.tmp{os.getpid()}.{next(_WRITES)}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except FileNotFoundError:
@@ -103,6 +107,9 @@ def write_bytes_atomic(path: Path, body: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+_WRITES = itertools.count()
 
 
 def report_path(rundir: str | Path, domid: int, vcpu: int) -> Path:
