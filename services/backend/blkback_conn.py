@@ -29,7 +29,7 @@ import trio
 
 from services.backend.blkback_grants import Dom0Hypervisor, GrantCache, GrantError, Mapping
 from services.backend.blkback_image import INLINE_LIMIT, DiskImage, run_blocking
-from services.backend.blkback_inline import OP_COUNTER, InlineRequests
+from services.backend.blkback_inline import InlineRequests
 from services.backend.blkback_order import ExecutionLog, OrderingQueue
 from services.backend.blkback_request import (
     Admitted,
@@ -323,21 +323,8 @@ class Blkif(InlineRequests):
         io = self._current_plan(job)
         if io is None:
             return
-        image = self.image
-        bufs: list[memoryview] = []
-        try:
-            bufs = self._buffers(io, job.gfns)
-            self._record(job, "start", io)
-            await self._do_io(image, io, bufs)
-            self._record(job, "done", io)
-            self.counters[OP_COUNTER[io.kind]] += 1
-            self.counters["bytes"] += io.nbytes
-        except (OSError, GuestMemoryError) as exc:
-            job.status = BlkifRsp.ERROR
-            self._refused(f"io: {exc}", BlkifRsp.ERROR)
-        finally:
-            for b in bufs:
-                b.release()
+        with self._io_step(job, io) as bufs:
+            await self._do_io(self.image, io, bufs)
 
     async def _do_io(self, image: DiskImage | None, io: IoPlan, bufs: list[memoryview]) -> None:
         if image is None:

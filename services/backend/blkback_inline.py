@@ -9,13 +9,15 @@ the guest's pages with adjacent frames merged into one iovec entry."""
 from __future__ import annotations
 
 import collections
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from services.backend.blkback_fast import WRITE, fast_request, whole_page_sectors
 from services.backend.blkback_grants import GrantCache
 from services.backend.blkback_image import INLINE_LIMIT, DiskImage
 from services.backend.blkback_order import ExecutionLog, OrderingQueue
-from services.backend.blkback_request import DeviceLimits, Kind, indirect_columns
+from services.backend.blkback_request import DeviceLimits, IoPlan, Kind, indirect_columns
 from shared.abi.blkif import RESPONSE, SECTOR_SIZE, BlkifProtocolError, BlkifRsp
 from shared.abi.ring import BackRing
 from shared.guestmem import PAGE_SIZE, GuestMemory, GuestMemoryError
@@ -128,21 +130,29 @@ class InlineRequests:
             return
         image = self.image
         assert image is not None or not io.nbytes
-        bufs: list[memoryview] = []
-        try:
-            bufs = self._buffers(io, job.gfns)
-            self._record(job, "start", io)
+        with self._io_step(job, io) as bufs:
             if image is not None and bufs:
                 if io.kind is Kind.READ:
                     image.readv(io.offset, bufs)
                 else:
                     image.writev(io.offset, bufs)
+
+    @contextlib.contextmanager
+    def _io_step(self, job: _Job, io: IoPlan) -> Iterator[list[memoryview]]:
+        """Around one request's I/O (inline or on a round): its iovec, the
+        execution log's start and done, the counters; an I/O or guest-memory
+        error becomes the job's ERROR status, counted."""
+        bufs: list[memoryview] = []
+        try:
+            bufs = self._buffers(io, job.gfns)
+            self._record(job, "start", io)
+            yield bufs
             self._record(job, "done", io)
             self.counters[OP_COUNTER[io.kind]] += 1
             self.counters["bytes"] += io.nbytes
         except (OSError, GuestMemoryError) as exc:
-            job.status = BlkifRsp.ERROR
-            self._refused(f"io: {exc}", BlkifRsp.ERROR)
+            job.status = ERROR
+            self._refused(f"io: {exc}", ERROR)
         finally:
             for b in bufs:
                 b.release()
