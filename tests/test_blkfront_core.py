@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.frontend.kernel import blkfront_request as rq
 from services.frontend.kernel.blkfront_core import BlkfrontCore, Completion
@@ -651,3 +653,57 @@ def test_answers_taken_but_not_yet_handled_count_at_a_disconnect() -> None:
     core.disconnect()  # the backend went away: the two answers still count
     assert [c.bio for c in core.take_completions()] == bios
     assert not core.pending and core.stats["reissued"] == 0
+
+
+_BIO_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [BioKind.READ, BioKind.WRITE, BioKind.WRITE_ORDERED, BioKind.FLUSH, BioKind.DISCARD]
+        ),
+        st.integers(0, 60),  # first sector / 8
+        st.sampled_from([1, 7, 8, 16, 88, 96, 512]),  # sectors: 1 page .. indirect
+        st.booleans(),  # answer everything after this bio
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+def _drive(steps: list, steady: bool, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """``steps`` through a persistent-grant core, its steady-state steps on or off."""
+    with monkeypatch.context() as m:
+        if not steady:
+            m.setattr(BlkfrontCore, "_issue_steady", lambda self, part, op: False)
+            m.setattr(BlkfrontCore, "_answered_whole", lambda self, rid, entry: -1)
+        rig = make(attrs.evolve(FULL, persistent=True), pool=1500)
+        requests, done = [], []
+        for n, (kind, at, nsect, settle) in enumerate(steps):
+            data = pattern(nsect, n) if kind in (BioKind.WRITE, BioKind.WRITE_ORDERED) else b""
+            rig.core.submit(kind, at * 8, nsect, data)
+            rig.core.pump()
+            rig.core.push()
+            requests += rig.be.take()
+            if settle:
+                rig.be.answer()
+                rig.core.take_responses()
+            done += rig.core.take_completions()
+        while rig.core.outstanding():
+            rig.core.pump()
+            rig.core.push()
+            requests += rig.be.take()
+            rig.be.answer()
+            rig.core.take_responses()
+            done += rig.core.take_completions()
+        return requests, done, bytes(rig.disk), rig.core.statistics()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=_BIO_STEPS)
+def test_the_steady_state_steps_do_what_the_general_path_does(steps: list) -> None:
+    """The one-step issue of a persistent READ/WRITE and the one-step answer of
+    a whole bio send the same requests (same ids, sectors, refs), complete the
+    same bios with the same data, and leave the same disk as the general path."""
+    with pytest.MonkeyPatch.context() as mp:
+        fast = _drive(steps, True, mp)
+        slow = _drive(steps, False, mp)
+    assert fast == slow

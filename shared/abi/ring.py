@@ -309,6 +309,21 @@ class FrontRing:
         self.rsp_cons = (cons + count) & RING_IDX_MASK
         return out
 
+    def take_responses_unpacked(self, fields: struct.Struct) -> list[tuple]:
+        """:meth:`take_responses`, each response unpacked with ``fields`` (a
+        struct of at most one entry) straight from the ring: one copy of its
+        values, no ``bytes`` of the slot in between."""
+        prod = self.sring.rsp_prod
+        if self.response_prod_overflow(prod):
+            raise RingError(f"backend rsp_prod {prod} overflows rsp_cons {self.rsp_cons}")
+        cons = self.rsp_cons
+        count = (prod - cons) & RING_IDX_MASK
+        sring = self.sring
+        buf, offset, unpack = sring.buf, sring.slot_offset, fields.unpack_from
+        out = [unpack(buf, offset(cons + k)) for k in range(count)]
+        self.rsp_cons = (cons + count) & RING_IDX_MASK
+        return out
+
     def final_check_for_responses(self) -> bool:
         """``RING_FINAL_CHECK_FOR_RESPONSES``: False means it is safe to sleep."""
         if self.has_unconsumed_responses():

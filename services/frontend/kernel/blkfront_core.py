@@ -49,15 +49,22 @@ OKAY, ERROR, EOPNOTSUPP = (
     int(bi.BlkifRsp.ERROR),
     int(bi.BlkifRsp.EOPNOTSUPP),
 )
-READ, WRITE_BARRIER = int(bi.BlkifOp.READ), int(bi.BlkifOp.WRITE_BARRIER)
+READ, WRITE, WRITE_BARRIER = (
+    int(bi.BlkifOp.READ),
+    int(bi.BlkifOp.WRITE),
+    int(bi.BlkifOp.WRITE_BARRIER),
+)
+_DIRECT_PAGES = bi.BLKIF_MAX_SEGMENTS_PER_REQUEST
 _FLUSH_OPS = (int(bi.BlkifOp.FLUSH_DISKCACHE), WRITE_BARRIER)
 _DATA_BIOS = (BioKind.READ, BioKind.WRITE, BioKind.WRITE_ORDERED)
-_RESPONSE_FIELDS = bi.RESPONSE.struct.unpack_from
+_READ_BIO = BioKind.READ
+_RESPONSE = bi.RESPONSE.struct
 
 
-@attrs.frozen
+@attrs.define
 class Completion:
-    """A bio finished: its status (BLKIF_RSP_*) and, for a read, the bytes."""
+    """A bio finished: its status (BLKIF_RSP_*) and, for a read, the bytes.
+    Made per request, so as cheap to make as :class:`Part` (not frozen)."""
 
     bio: int
     kind: BioKind
@@ -94,8 +101,11 @@ class BlkfrontCore(GrantedPages):
         self.next_bio = 1
         self.next_seq = 1
         self.completions: list[Completion] = []
-        self._backlog: list[bytes] = []  #: responses taken off the ring, not yet handled
+        #: (id, operation, status) taken off the ring, not yet handled
+        self._backlog: list[tuple[int, int, int]] = []
         self._runs = {}
+        self._plans_for: BackendInfo | None = None
+        self._plan_of: dict[BioKind, tuple[int | None, Plan]] = {}
         self.stats: collections.Counter[str] = collections.Counter()
 
     # --- connection -------------------------------------------------------------------
@@ -126,8 +136,8 @@ class BlkfrontCore(GrantedPages):
         order, and every grant of this connection is revoked (or leaked).
         Answers already taken off the ring are honoured first."""
         backlog, self._backlog = self._backlog, []
-        for raw in backlog:
-            self._response(*_RESPONSE_FIELDS(raw))
+        for answer in backlog:
+            self._response(*answer)
         entries = sorted((e for e in self.shadow if e is not None), key=lambda e: e.part.seq)
         for entry in reversed(entries):
             self._release(entry)
@@ -146,10 +156,11 @@ class BlkfrontCore(GrantedPages):
     # --- the upper layer ----------------------------------------------------------------
     def submit(self, kind: BioKind, sector: int, nsectors: int = 0, data: bytes = b"") -> int:
         """Queue a bio; answers its id. Writes carry ``nsectors * 512`` bytes."""
-        if rq.carries_data(kind) and nsectors <= 0:
-            raise ValueError("a read or write of no sectors")
-        if kind in (BioKind.WRITE, BioKind.WRITE_ORDERED) and len(data) != nsectors * rq.SECTOR:
-            raise ValueError(f"{len(data)} bytes for {nsectors} sectors")
+        if kind in _DATA_BIOS:
+            if nsectors <= 0:
+                raise ValueError("a read or write of no sectors")
+            if kind != _READ_BIO and len(data) != nsectors * rq.SECTOR:
+                raise ValueError(f"{len(data)} bytes for {nsectors} sectors")
         bio, self.next_bio = self.next_bio, self.next_bio + 1
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         self.bios[bio] = BioRecord(bio, kind, sector, nsectors, bytes(data))
@@ -175,11 +186,18 @@ class BlkfrontCore(GrantedPages):
         them while the next ones are copied)."""
         put = moved = 0
         ring, pending = self.ring, self.pending
+        plans = self._plans()
         while pending and ring is not None and self.live and not self.frozen:
             if max_bytes and moved >= max_bytes:
                 break
             part = pending[0]
-            op, plan = rq.operation_for(part.kind, self.backend)
+            op, plan = plans[part.kind]
+            if plan is Plan.SEND and op <= WRITE and self._issue_steady(part, op):
+                pending.popleft()
+                put += 1
+                if op == WRITE:
+                    moved += part.nsectors * rq.SECTOR
+                continue
             if plan is not Plan.SEND:
                 if plan in (Plan.LOCAL, Plan.UNSUPPORTED):
                     pending.popleft()
@@ -210,6 +228,33 @@ class BlkfrontCore(GrantedPages):
                 self.frozen = True
                 self.stats["single_steps"] += 1
         return put
+
+    def _plans(self) -> dict[BioKind, tuple[int | None, Plan]]:
+        """:func:`rq.operation_for` of every bio kind on the current backend."""
+        if self._plans_for is not self.backend:
+            self._plans_for = self.backend
+            self._plan_of = {k: rq.operation_for(k, self.backend) for k in BioKind}
+        return self._plan_of
+
+    def _issue_steady(self, part: Part, op: int) -> bool:
+        """The steady state, in one step: a READ or WRITE of at most 11 pages
+        (no indirect page, no split) over a run of persistent pages of its
+        size given back by an earlier request. False when any of that does
+        not hold: :meth:`_issue` then takes the part the general way."""
+        npages = (part.nsectors + rq.SECTORS_PER_PAGE - 1) // rq.SECTORS_PER_PAGE
+        runs = self.persistent_free.get(npages)
+        ring = self.ring
+        if not runs or npages > _DIRECT_PAGES or not self._free_ids or ring is None or ring.full():
+            return False
+        pages = self._take_run(npages, runs)
+        refs, start = self._layout(pages)
+        if op == WRITE:
+            self._copy_in(part, pages, start)
+        rid = self._free_ids.pop()
+        rq.put_direct(ring, op, self.handle, rid, part.sector, part.nsectors, refs)
+        self.shadow[rid] = ShadowEntry(rid, part, op, pages)
+        self.stats["requests"] += 1
+        return True
 
     def _page_budget(self) -> int:
         """Data pages one request may take: at most a quarter of the pool, so
@@ -273,20 +318,21 @@ class BlkfrontCore(GrantedPages):
         ring wait in ``_backlog`` for that call."""
         handled = copied = 0
         while self.ring is not None:
-            raws, self._backlog = self._backlog, []
-            if not raws:
+            answers, self._backlog = self._backlog, []
+            if not answers:
                 try:
-                    raws = self.ring.take_responses()
+                    answers = self.ring.take_responses_unpacked(_RESPONSE)
                 except RingError:
                     self.stats["bad_responses"] += 1
                     return handled
-                self.stats["responses"] += len(raws)
-            for k, raw in enumerate(raws):
-                copied += self._response(*_RESPONSE_FIELDS(raw))
+                self.stats["responses"] += len(answers)
+            response = self._response
+            for k, (rid, operation, status) in enumerate(answers):
+                copied += response(rid, operation, status)
                 if max_bytes and copied >= max_bytes:
-                    self._backlog = raws[k + 1 :]
+                    self._backlog = answers[k + 1 :]
                     return handled + k + 1  # more may be waiting: the caller comes back
-            handled += len(raws)
+            handled += len(answers)
             if self.ring is None or not self.ring.final_check_for_responses():
                 break
         return handled
@@ -297,6 +343,10 @@ class BlkfrontCore(GrantedPages):
         if entry is None:
             self.stats["bad_responses"] += 1  # an id we never issued, or answered twice
             return 0
+        if status == OKAY and operation == entry.operation and not entry.single_step:
+            done = self._answered_whole(rid, entry)
+            if done >= 0:
+                return done
         if operation != entry.operation:
             self.stats["bad_responses"] += 1
             status = ERROR
@@ -322,6 +372,29 @@ class BlkfrontCore(GrantedPages):
             self.stats["errors"] += 1
         self._part_done(part, status)
         return copied
+
+    def _answered_whole(self, rid: int, entry: ShadowEntry) -> int:
+        """The steady state, in one step: an OKAY READ or WRITE that was its
+        whole bio (no split) on directly addressed pages completes here;
+        answers the bytes read (0 for a write), or -1 when it is not that
+        case (:meth:`_response` then takes it the general way)."""
+        part = entry.part
+        bio = self.bios[part.bio]
+        if entry.operation > WRITE or entry.indirect_pages or bio.parts != 1 or part.offset:
+            return -1
+        data = b""
+        if entry.operation == READ:
+            start = self._layout(entry.pages)[1]
+            if start is None:
+                return -1
+            data = self.ram[start : start + part.nsectors * rq.SECTOR].tobytes()
+        self.shadow[rid] = None
+        self._free_ids.append(rid)
+        self._release_pages(entry.pages, self.backend.persistent)
+        del self.bios[part.bio]
+        self.completions.append(Completion(bio.id, bio.kind, OKAY, data))
+        self.stats["bios_done"] += 1
+        return len(data)
 
     def _flush_unsupported(self, op: int) -> None:
         if op == bi.BlkifOp.FLUSH_DISKCACHE:

@@ -142,27 +142,38 @@ def direct_slot(
 
 
 _REQUEST = bi.REQUEST.struct
-_PAD = (0, 0, 0) * bi.BLKIF_MAX_SEGMENTS_PER_REQUEST
+_LAST = SECTORS_PER_PAGE - 1
+
+
+@functools.cache
+def _request_struct(n: int) -> struct.Struct:
+    """A ``blkif_request`` header and its first ``n`` segments."""
+    head, segment = "<BBH4xQQ", "IBB2x"
+    assert bi.REQUEST.struct.format == head + segment * bi.BLKIF_MAX_SEGMENTS_PER_REQUEST
+    return struct.Struct(head + segment * n)
 
 
 def put_direct(
     ring: FrontRing, op: int, handle: int, rid: int, sector: int, nsectors: int, refs: list[int]
 ) -> None:
     """:func:`direct_slot` packed straight into the ring's next request slot
-    (``RING_GET_REQUEST`` + fill + ``req_prod_pvt++``)."""
+    (``RING_GET_REQUEST`` + fill + ``req_prod_pvt++``). As Linux's
+    ``blkif_queue_rw_req``, only the ``nr_segments`` segments in use are
+    written: the backend reads no further."""
     if ring.full():
         raise RingError("ring full: no free request slot")
     n = len(refs)
-    if n == 1:  # a request of one page: no list to build
-        fields = (refs[0], 0, (nsectors - 1) % SECTORS_PER_PAGE) + _PAD[3:]
-    else:
-        fields = list(_PAD)
-        fields[0 : 3 * n : 3] = refs
-        fields[2 : 3 * n : 3] = [SECTORS_PER_PAGE - 1] * n
-        fields[3 * n - 1] = (nsectors - 1) % SECTORS_PER_PAGE
     idx = ring.req_prod_pvt
     sring = ring.sring
-    _REQUEST.pack_into(sring.buf, sring.slot_offset(idx), op, n, handle, rid, sector, *fields)
+    off = sring.slot_offset(idx)
+    last = (nsectors - 1) % SECTORS_PER_PAGE
+    if n == 1:  # a request of one page: no list to build
+        _request_struct(1).pack_into(sring.buf, off, op, 1, handle, rid, sector, refs[0], 0, last)
+    else:
+        fields = [0, 0, _LAST] * n
+        fields[0::3] = refs
+        fields[-1] = last
+        _request_struct(n).pack_into(sring.buf, off, op, n, handle, rid, sector, *fields)
     ring.req_prod_pvt = (idx + 1) & RING_IDX_MASK
 
 
