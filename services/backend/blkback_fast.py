@@ -13,6 +13,7 @@ status and counts it. So a request is never refused here, only passed on.
 from __future__ import annotations
 
 import functools
+import struct
 
 from services.backend.blkback_request import DeviceLimits
 from shared.abi.blkif import (
@@ -29,6 +30,9 @@ READ, WRITE, INDIRECT = int(BlkifOp.READ), int(BlkifOp.WRITE), int(BlkifOp.INDIR
 _DIRECT = REQUEST.struct
 _INDIRECT = REQUEST_INDIRECT.struct
 _LAST = SECTORS_PER_PAGE - 1
+#: the header and first segment of a direct request (the common 4 KiB case)
+_ONE = struct.Struct("<BBH4xQQIBB2x")
+assert _DIRECT.format.startswith(_ONE.format)
 
 
 @functools.cache
@@ -67,6 +71,11 @@ def fast_request(
         return rid, op, sector, nseg, (), tuple(refs[:npages])
     if op > WRITE:
         return None
+    if slot[1] == 1:  # one page: its one segment read with the header
+        _, _, _, rid, sector, gref, first, last = _ONE.unpack_from(slot)
+        if first or last > _LAST or _refused(op, sector, last + 1, limits):
+            return None
+        return rid, op, sector, last + 1, (gref,), ()
     fields = _DIRECT.unpack_from(slot)
     nseg = fields[1]
     if not 0 < nseg <= BLKIF_MAX_SEGMENTS_PER_REQUEST:

@@ -78,9 +78,7 @@ class InlineRequests:
         if g0 < 0 or g0 + len(grefs) > self.memory.nr_pages:
             return False
         seq = self.queue.skip()
-        name, nbytes = _FAST_NAMES[op], nsect * SECTOR_SIZE
-        log = self.log.record_fields
-        log(self.conn_id, seq, rid, name, "start", sector, nsect)
+        nbytes = nsect * SECTOR_SIZE
         status = OKAY
         with self.memory.view[g0 * PAGE_SIZE : g0 * PAGE_SIZE + nbytes] as buf:
             try:
@@ -88,7 +86,8 @@ class InlineRequests:
             except OSError as exc:
                 status = ERROR
                 self._refused(f"io: {exc}", status)
-        log(self.conn_id, seq, rid, name, "done", sector, nsect)
+        # started and done with nothing in between: both recorded now
+        self.log.record_run(self.conn_id, seq, rid, _FAST_NAMES[op], sector, nsect)
         counters = self.counters
         if status == OKAY:
             counters[_FAST_COUNTERS[op]] += 1

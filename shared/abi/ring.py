@@ -383,13 +383,16 @@ class BackRing:
         if self.request_prod_overflow(prod):
             raise RingError(f"frontend req_prod {prod} overflows rsp_prod_pvt {self.rsp_prod_pvt}")
         cons = self.req_cons
-        out: list[bytes] = []
-        while cons != prod and not self.request_cons_overflow(cons):
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(self.sring.read_slot(cons))
-            cons = (cons + 1) & RING_IDX_MASK
-        self.req_cons = cons
+        # published, and not past a slot whose response is still owed
+        count = min(
+            (prod - cons) & RING_IDX_MASK,
+            self.nr_ents - ((cons - self.rsp_prod_pvt) & RING_IDX_MASK),
+        )
+        if limit is not None:
+            count = min(count, limit)
+        read = self.sring.read_slot
+        out = [read(cons + k) for k in range(max(count, 0))]
+        self.req_cons = (cons + len(out)) & RING_IDX_MASK
         return out
 
     def put_response(self, data: Bytes) -> int:
