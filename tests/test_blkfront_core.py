@@ -707,3 +707,61 @@ def test_the_steady_state_steps_do_what_the_general_path_does(steps: list) -> No
         fast = _drive(steps, True, mp)
         slow = _drive(steps, False, mp)
     assert fast == slow
+
+
+def test_a_held_push_notifies_once_for_the_whole_span_at_the_end() -> None:
+    """push(hold=8) publishes at once but decides about the kick only when 8
+    requests are out since the last decision; a push without hold decides
+    for everything held, so an idle backend is never left unkicked."""
+    rig = make(attrs.evolve(FULL, persistent=True))
+    core = rig.core
+    assert not rig.be.take()  # the backend idles: req_event = req_cons + 1
+    for k in range(3):
+        core.submit(BioKind.READ, 8 * k, 8)
+    core.pump()
+    assert core.push(hold=8) is False and core.held
+    assert len(rig.be.take()) == 3  # published all the same
+    rig.be.answer()
+    core.take_responses()
+    core.submit(BioKind.READ, 64, 8)
+    core.pump()
+    assert core.push(hold=8) is False and core.held  # 4 since the decision
+    assert core.push() is True and not core.held  # req_event was inside the span
+    assert core.push() is False  # nothing new, nothing held
+    before = core.statistics().notifies
+    for k in range(8):
+        core.submit(BioKind.READ, 8 * k, 8)
+    core.pump()
+    assert core.push(hold=8) is False and not core.held  # 8 out: decided; the backend is busy
+    rig.be.take()
+    rig.be.answer()
+    core.take_responses()
+    for k in range(8):
+        core.submit(BioKind.READ, 8 * k, 8)
+    core.pump()
+    assert core.push(hold=8) is True and not core.held  # 8 out: decided at once
+    assert core.statistics().notifies == before + 1
+
+
+def test_a_disconnect_forgets_a_held_push() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True))
+    rig.core.submit(BioKind.READ, 0, 8)
+    rig.core.pump()
+    rig.core.push(hold=8)
+    assert rig.core.held
+    rig.core.disconnect()
+    assert not rig.core.held
+
+
+def test_moderation_asks_for_a_notification_halfway_through_what_is_in_flight() -> None:
+    rig = make(attrs.evolve(FULL, persistent=True))
+    core = rig.core
+    for k in range(10):
+        core.submit(BioKind.READ, 8 * k, 8)
+    core.pump()
+    core.push()
+    rig.be.take()
+    rig.be.answer(rig.be.held[:4])
+    core.take_responses()  # 4 answered, 6 still out: woken at the 4th of those
+    assert core.ring is not None
+    assert core.ring.sring.rsp_event == core.ring.rsp_cons + 6 // 2 + 1

@@ -1,5 +1,5 @@
 """Domain verbs, ``xl``-like: ``create``, ``list``, ``destroy``, ``dmesg``,
-``vcpu-list``, ``interrupts``, ``exits``.
+``vcpu-list``, ``vcpu-pin``, ``interrupts``, ``exits``.
 
 ``create`` is the toolstack's part of building a domain: the hypervisor builds
 it (memory, vCPU processes running the guest kernel), xenstored is told about
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import shutil
 import uuid
@@ -330,6 +331,69 @@ def vcpu_list(args: argparse.Namespace) -> int:
         return 0
 
     return run_async(args, body)
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """xl's CPU list: ``all``, ``2``, ``0-3``, ``0,2-3``."""
+    if text.strip() == "all":
+        return set(range(os.cpu_count() or 1))
+    cpus: set[int] = set()
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        lo, dash, hi = item.partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())):
+            raise ValueError(f"{item!r} is not a CPU or a range of CPUs")
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    if not cpus:
+        raise ValueError(f"no CPU in {text!r}")
+    return cpus
+
+
+@verb("vcpu-pin", help="pin a domain's vCPU (or all) to host CPUs (hard affinity)")
+@arg("domain", help="domain name or id")
+@arg("vcpu", help="vCPU number or 'all'")
+@arg("cpus", help="host CPUs: 'all', '1', '0-1', '0,2-3'")
+@topology_args
+@json_arg
+def vcpu_pin(args: argparse.Namespace) -> int:
+    """``xl vcpu-pin``: a vCPU runs only on these host CPUs. A vCPU is a
+    process here, so its hard affinity is that process's CPU affinity (every
+    thread of it), set through the pid the hypervisor reports."""
+    try:
+        cpus = parse_cpulist(args.cpus)
+    except ValueError as exc:
+        return fail(f"vcpu-pin: {exc}")
+
+    async def body(d: Dom0) -> int:
+        domid = await resolve(d, args.domain)
+        detail = await d.hv.call(ctl.DomainDetailRequest(domid))
+        pids = dict(enumerate(detail.vcpu_pids))
+        if args.vcpu != "all":
+            if not args.vcpu.isdigit() or int(args.vcpu) not in pids:
+                return fail(f"vcpu-pin: domain {domid} has no vCPU {args.vcpu}")
+            pids = {int(args.vcpu): pids[int(args.vcpu)]}
+        done = []
+        for vcpu, pid in pids.items():
+            try:
+                set_affinity(pid, cpus)
+            except OSError as exc:
+                return fail(f"vcpu-pin: vCPU {vcpu} (pid {pid}): {exc}")
+            done.append({"domid": domid, "vcpu": vcpu, "pid": pid, "cpus": sorted(cpus)})
+        if args.json:
+            _render.print_json(done)
+        else:
+            _render.print_rows(["domid", "vcpu", "pid", "cpus"], done)
+        return 0
+
+    return run_async(args, body)
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (nng and trio start their own) on ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass  # a thread that just ended
 
 
 @verb("interrupts", help="per-vCPU, per-port interrupt counts of a domain (vmstat -i)")

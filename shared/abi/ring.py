@@ -284,10 +284,13 @@ class FrontRing:
         """``RING_PUSH_REQUESTS``: publish without deciding about a notification."""
         self.sring.req_prod = self.req_prod_pvt
 
-    def push_requests_and_check_notify(self) -> bool:
-        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: True if the backend must be kicked."""
+    def push_requests_and_check_notify(self, since: int | None = None) -> bool:
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: True if the backend must be
+        kicked. ``since``: an earlier ``req_prod`` whose push decided nothing
+        (:meth:`push_requests`); the check then covers everything published
+        after it, as if it had all been pushed at once."""
         sring = self.sring
-        old = sring.req_prod
+        old = sring.req_prod if since is None else since
         new = self.req_prod_pvt
         sring.req_prod = new
         full_barrier()
@@ -324,11 +327,15 @@ class FrontRing:
         self.rsp_cons = (cons + count) & RING_IDX_MASK
         return out
 
-    def final_check_for_responses(self) -> bool:
-        """``RING_FINAL_CHECK_FOR_RESPONSES``: False means it is safe to sleep."""
+    def final_check_for_responses(self, ahead: int = 1) -> bool:
+        """``RING_FINAL_CHECK_FOR_RESPONSES``: False means it is safe to sleep.
+        With ``ahead`` > 1 the notification is asked for at the ``ahead``-th
+        next response, not the next one (netfront's moderation, ``rsp_event =
+        cons + (outstanding >> 1) + 1``): only safe while at least that many
+        requests are unanswered, or the wakeup is lost."""
         if self.has_unconsumed_responses():
             return True
-        self.sring.rsp_event = self.rsp_cons + 1
+        self.sring.rsp_event = self.rsp_cons + ahead
         full_barrier()
         return self.has_unconsumed_responses()
 

@@ -42,7 +42,7 @@ from services.frontend.kernel.blkfront_state import (
     ShadowEntry,
 )
 from shared.abi import blkif as bi
-from shared.abi.ring import PAGE_SIZE, Buffer, FrontRing, RingError
+from shared.abi.ring import PAGE_SIZE, RING_IDX_MASK, Buffer, FrontRing, RingError
 
 OKAY, ERROR, EOPNOTSUPP = (
     int(bi.BlkifRsp.OKAY),
@@ -104,6 +104,7 @@ class BlkfrontCore(GrantedPages):
         #: (id, operation, status) taken off the ring, not yet handled
         self._backlog: list[tuple[int, int, int]] = []
         self._runs = {}
+        self._held_from: int | None = None  #: req_prod before a held push
         self._plans_for: BackendInfo | None = None
         self._plan_of: dict[BioKind, tuple[int | None, Plan]] = {}
         self.stats: collections.Counter[str] = collections.Counter()
@@ -150,6 +151,7 @@ class BlkfrontCore(GrantedPages):
         for gfn, ref in self.ring_pages:
             self._revoke(gfn, ref)
         self.ring, self.ring_pages, self.shadow, self._free_ids = None, [], [], []
+        self._held_from = None
         self.frozen = False
         self.live = False
 
@@ -299,14 +301,35 @@ class BlkfrontCore(GrantedPages):
         self.stats["requests"] += 1
         return True
 
-    def push(self) -> bool:
-        """Publish what :meth:`pump` put; True when the backend must be notified."""
-        if self.ring is None or self.ring.sring.req_prod == self.ring.req_prod_pvt:
+    def push(self, hold: int = 0) -> bool:
+        """Publish what :meth:`pump` put; True when the backend must be notified.
+        With ``hold``, the decision waits while fewer than ``hold`` requests
+        have been published since the last one (the caller has more to push
+        and pushes without ``hold`` at the end): a backend that went idle then
+        wakes to a batch, not to every few requests. The decision covers all
+        of them (``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` since the first)."""
+        ring = self.ring
+        if ring is None:
             return False
-        self.stats["pushes"] += 1
-        notify = self.ring.push_requests_and_check_notify()
+        published, new = ring.sring.req_prod, ring.req_prod_pvt
+        if published == new and self._held_from is None:
+            return False
+        if published != new:
+            self.stats["pushes"] += 1
+        since = published if self._held_from is None else self._held_from
+        if hold and (new - since) & RING_IDX_MASK < hold:
+            ring.push_requests()
+            self._held_from = since
+            return False
+        self._held_from = None
+        notify = ring.push_requests_and_check_notify(since)
         self.stats["notifies"] += notify
         return notify
+
+    @property
+    def held(self) -> bool:
+        """Requests are published whose notification :meth:`push` held back."""
+        return self._held_from is not None
 
     # --- responses ----------------------------------------------------------------------
     def take_responses(self, max_bytes: int = 0) -> int:
@@ -333,7 +356,7 @@ class BlkfrontCore(GrantedPages):
                     self._backlog = answers[k + 1 :]
                     return handled + k + 1  # more may be waiting: the caller comes back
             handled += len(answers)
-            if self.ring is None or not self.ring.final_check_for_responses():
+            if self.ring is None or not self.ring.final_check_for_responses(self._moderation()):
                 break
         return handled
 
@@ -372,6 +395,16 @@ class BlkfrontCore(GrantedPages):
             self.stats["errors"] += 1
         self._part_done(part, status)
         return copied
+
+    def _moderation(self) -> int:
+        """Where to ask for the next notification: once half of what is in
+        flight has been answered (FreeBSD and Linux netfront's ``rsp_event =
+        cons + (outstanding >> 1) + 1``), so that a deep queue is woken for
+        a batch, not for each response; at the next one when a single-stepped
+        write waits (nothing else may go before it is answered)."""
+        if self.frozen:
+            return 1
+        return (self.in_flight() >> 1) + 1
 
     def _answered_whole(self, rid: int, entry: ShadowEntry) -> int:
         """The steady state, in one step: an OKAY READ or WRITE that was its
