@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import attrs
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -578,6 +579,43 @@ async def test_an_io_context_reaps_its_own_bios_with_their_status() -> None:
     assert (mine.bio, mine.data) == (o, pattern(8, 5))
     with pytest.raises(RuntimeError):
         await ctx.reap()  # nothing in flight: it would wait forever
+
+
+async def test_an_io_context_with_end_io_refills_from_the_completion() -> None:
+    """Each completion goes to ``end_io`` at once (no reap), which may start
+    the next bio there; ``drained`` returns once the last is done, and only
+    the last completion wakes a task."""
+    from services.frontend.kernel.blkfront import BlockDevice
+
+    rig = make(attrs.evolve(FULL, persistent=True))
+    dev = BlockDevice(_Kernel(), "xvda", 51712)  # type: ignore[arg-type]
+    dev.core = rig.core
+    rig.disk[:] = pattern(len(rig.disk) // 512, 9)
+    todo, seen = iter(range(2, 10)), []
+
+    def end_io(c: Completion) -> None:
+        seen.append(c)
+        sector = next(todo, None)
+        if sector is not None:
+            ctx.start(BioKind.READ, 8 * sector, 8)
+
+    ctx = dev.io_context(end_io)
+    ctx.start(BioKind.READ, 0, 8)
+    ctx.start(BioKind.READ, 8, 8)
+    woke = []
+    while ctx.in_flight:
+        rig.core.pump()
+        rig.core.push()
+        rig.be.take()
+        rig.be.answer()
+        rig.core.take_responses()
+        woke.append(dev._complete(rig.core.take_completions()))
+    assert woke[-1] is True and not any(woke[:-1])
+    assert [c.data for c in seen] == [rig.disk[4096 * k : 4096 * (k + 1)] for k in range(10)]
+    with trio.fail_after(1):
+        await ctx.drained()
+    with pytest.raises(RuntimeError):
+        await ctx.reap()
 
 
 def test_persistent_pages_come_back_as_the_runs_requests_of_that_size_gave() -> None:

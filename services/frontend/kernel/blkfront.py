@@ -148,9 +148,10 @@ class BlockDevice:
             )
         return result
 
-    def io_context(self) -> IoContext:
-        """A queue of bios that are waited for together (``io_setup``)."""
-        return IoContext(self)
+    def io_context(self, end_io: Callable[[Completion], None] | None = None) -> IoContext:
+        """A queue of bios that are waited for together (``io_setup``), or
+        whose completions go to ``end_io`` (see :class:`IoContext`)."""
+        return IoContext(self, end_io)
 
     def statistics(self) -> BlkfrontStats:
         return self.core.statistics() if self.core else BlkfrontStats()
@@ -214,8 +215,8 @@ class BlockDevice:
         self._kick_scheduled = True  # the loop below kicks: no task for it
         try:
             while (core := self.core) is not None and (n := core.take_responses(READ_CHUNK)):
-                self._complete(core.take_completions())
-                await trio.sleep(0)  # whoever waited on those may queue more now
+                if self._complete(core.take_completions()):
+                    await trio.sleep(0)  # whoever waited on those may queue more now
                 # small requests: more chunks may follow, kick for a batch; a
                 # big one alone is worth the backend's start at once
                 await self.kick(KICK_BATCH if n > 1 else 0)
@@ -225,19 +226,24 @@ class BlockDevice:
         if self.core is not None and (self.core.pending or self.core.held):
             self._schedule_kick()  # queued after our last kick
 
-    def _complete(self, done: list[Completion]) -> None:
+    def _complete(self, done: list[Completion]) -> bool:
+        """Hand completions over; True if that woke a task (an ``end_io``
+        callback runs here and wakes nobody)."""
         contexts = self._contexts
+        woke = False
         for c in done:
             ctx = contexts.pop(c.bio, None)
             if ctx is not None:
-                ctx._done(c)
+                woke = ctx._done(c) or woke
                 continue
             self._done[c.bio] = c
             ev = self._waiters.get(c.bio)
             if ev is not None:
                 ev.set()
+                woke = True
         if done:
             self.k.touch()
+        return woke
 
 
 def devices(k: Kernel) -> dict[str, BlockDevice]:
