@@ -557,8 +557,14 @@ def test_persistent_pages_of_a_new_connection_are_named_by_their_new_refs() -> N
 class _Kernel:
     nursery = None  # no kick task: the test pumps the rig itself
 
+    def __init__(self) -> None:
+        self.logged: list[str] = []
+
     def touch(self) -> None:
         pass
+
+    def log(self, line: str) -> None:
+        self.logged.append(line)
 
 
 async def test_an_io_context_reaps_its_own_bios_with_their_status() -> None:
@@ -616,6 +622,28 @@ async def test_an_io_context_with_end_io_refills_from_the_completion() -> None:
         await ctx.drained()
     with pytest.raises(RuntimeError):
         await ctx.reap()
+
+
+async def test_a_failing_end_io_costs_no_other_completion() -> None:
+    from services.frontend.kernel.blkfront import BlockDevice
+
+    rig = make(attrs.evolve(FULL, persistent=True))
+    k = _Kernel()
+    dev = BlockDevice(k, "xvda", 51712)  # type: ignore[arg-type]
+    dev.core = rig.core
+    seen: list[int] = []
+
+    def end_io(c: Completion) -> None:
+        seen.append(c.bio)
+        if len(seen) == 1:
+            raise ValueError("a bug")
+
+    ctx = dev.io_context(end_io)
+    bios = [ctx.start(BioKind.READ, 8 * n, 8) for n in range(3)]
+    dev._complete(rig.run())
+    assert seen == bios and ctx.in_flight == 0 and "a bug" in " ".join(k.logged)
+    with trio.fail_after(1):
+        await ctx.drained()
 
 
 def test_persistent_pages_come_back_as_the_runs_requests_of_that_size_gave() -> None:

@@ -79,7 +79,10 @@ class IoContext:
             self._wakeup.set()
             return True
         self.in_flight -= 1
-        self.end_io(c)  # interrupt context: it may start more, it may not wait
+        try:
+            self.end_io(c)  # interrupt context: it may start more, it may not wait
+        except Exception as exc:  # a callback's bug must not cost the other completions
+            self.dev.k.log(f"{self.dev.name}: end_io of bio {c.bio} failed: {exc!r}")
         if self.in_flight:
             return False
         self._wakeup.set()
