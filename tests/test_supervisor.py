@@ -87,7 +87,10 @@ async def test_up_status_kill_restart_down(scratch: ScratchHost) -> None:
         fake_ram = Path(f"/dev/shm/domsplit-{scratch.name}-guest1")
         fake_ram.write_bytes(b"\0" * 4096)
 
-        store = state_files(scratch.host.rundir)  # as a store with domains in it leaves
+        store = [*state_files(scratch.host.rundir)]  # as a store with domains in it leaves
+        report = scratch.host.rundir / "guests" / "dom1" / "vcpu0.json"  # and a guest
+        report.parent.mkdir(parents=True)
+        store.append(report)
         for path in store:
             path.touch()
 
@@ -97,6 +100,7 @@ async def test_up_status_kill_restart_down(scratch: ScratchHost) -> None:
         assert leftovers(scratch) == CLEAN
         assert not fake_ram.exists()
         assert not any(p.exists() for p in store)  # the next host starts with an empty store
+        assert report.parent.exists()  # (the directory stays; logs are kept too)
 
 
 async def test_down_cleans_up_after_a_dead_supervisor(scratch: ScratchHost) -> None:

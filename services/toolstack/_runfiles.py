@@ -174,16 +174,24 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 # --- cleanup ------------------------------------------------------------------
 
 
+def guest_reports(host: Host) -> list[Path]:
+    """The guests' reports (``guests/dom<D>/vcpu<K>.json``)."""
+    return list((host.rundir / "guests").glob("dom*/vcpu*.json"))
+
+
 def remove_run_files(host: Host) -> list[Path]:
     """Remove every socket and FIFO under the host's run dir (a dom0 process
     killed with SIGKILL leaves its event-channel device), the pid file, the
-    host's guest RAM files in /dev/shm and xenstored's journal and snapshot
-    (they describe domains that died with the hypervisor: a host starts with an
-    empty store, as xencommons wipes the tdb at boot; xenstored restarted on
-    its own keeps them); keep the logs. Returns what it removed."""
+    host's guest RAM files in /dev/shm, xenstored's journal and snapshot and
+    the guests' reports (they describe domains that died with the hypervisor:
+    a host starts with an empty store, as xencommons wipes the tdb at boot,
+    and a new domain 1 must not be taken for the old one by its report;
+    xenstored restarted on its own keeps them); keep the logs. Returns what
+    it removed."""
     removed = []
     candidates = [p for p in host.rundir.rglob("*") if _is_socket(p) or _is_fifo(p)]
     candidates += [pid_file(host), *shm_files(host), *state_files(host.rundir)]
+    candidates += guest_reports(host)
     for path in candidates:
         try:
             path.unlink()
