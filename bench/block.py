@@ -22,7 +22,7 @@ Metrics (each against its baseline in this run, on the same file):
   (``req_event``), against 1 (one per request).
 
 The guest's vCPUs are pinned to CPU 0, the hypervisor and blkback to CPU 1
-(:func:`_pin`).
+(:func:`_pin`), after a warm-up pass of each workload.
 ``DOMSPLIT_VCPU_PROFILE=<dir>`` makes the vCPU processes dump cProfile stats.
 """
 
@@ -83,7 +83,9 @@ async def _pin(topo: tuple[str, ...], domid: int) -> None:
     hypervisor and blkback, on the other (Xen's ``dom0_vcpus_pin`` with dom0
     on a pCPU of its own). Unpinned, the scheduler often put blkfront and
     blkback on one core, and rounds swung between 60 k and 100 k IOPS with
-    where they landed; with the hypervisor floating, between 75 k and 125 k."""
+    where they landed; with the hypervisor free to run beside the guest, its
+    work for 1 MiB writes (a kick per 256 KiB published) slowed the guest's
+    copies."""
     if (os.cpu_count() or 1) < 2:
         return
     pinned = await run_cli("vcpu-pin", str(domid), "all", str(GUEST_CPU), *topo)
@@ -137,7 +139,12 @@ async def measure(rounds: int, mib: int, nreads: int) -> dict[str, list[float]]:
             common = {"kind": "block_raw", "vdev": "xvda", "timeout": 60}
             big = {**common, "bs": MIB, "qd": SEQ_DEPTH, "count": mib, "pattern": "seq"}
             small = {"bs": PAGE, "qd": RAND_DEPTH, "count": nreads, "pattern": "random"}
-            await run({**big, "op": "read", "count": 16})  # blkfront's persistent pages
+            # warm-up, as fio's ramp_time: blkfront's persistent pages, blkback's
+            # mappings of them, both heaps (a first pass of 1 MiB blocks ran at
+            # two thirds of the speed of the next)
+            for op in ("read", "write"):
+                await run({**big, "op": op, "count": 2 * blocks})
+            await run({**common, **small, "op": "read", "count": 4000})
             for r in range(rounds):
                 res = await run({**big, "op": "write"})
                 out["w"].append(res["mb_s"])

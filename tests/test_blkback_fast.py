@@ -158,10 +158,10 @@ async def test_a_run_of_persistent_grants_is_found_once_and_forgotten_on_disconn
 async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) -> None:
     """Four 1 MiB reads in one kick: each response is pushed as soon as its
     data is in (PUSH_BYTES), so the frontend copies one while we read the
-    next; four 4 KiB reads still go out in one push."""
+    next; four 4 KiB reads go out a push per INTAKE_BATCH of them."""
     import collections
 
-    from services.backend.blkback_conn import PUSH_BYTES, Blkif
+    from services.backend.blkback_conn import INTAKE_BATCH, PUSH_BYTES, Blkif
     from services.backend.blkback_grants import GrantCache
     from services.backend.blkback_image import DiskImage
     from services.backend.blkback_order import ExecutionLog
@@ -216,7 +216,8 @@ async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) ->
         front.push_requests()
         pushes.clear()
         await blkif._intake()
-        assert pushes == [8]  # small ones: one push for the batch
+        assert 1 < INTAKE_BATCH <= 4
+        assert pushes == list(range(4 + INTAKE_BATCH, 9, INTAKE_BATCH))  # small ones: batched
     finally:
         image.close()
         mem.close()

@@ -94,6 +94,7 @@ class InlineRequests:
             counters["bytes"] += nbytes
         self.ring.put_response_packed(_RESPONSE, rid, op, status)
         counters["responses"] += 1
+        counters["steady"] += 1
         self._unpushed = True
         self._unpushed_bytes += nbytes
         return True
