@@ -21,8 +21,10 @@ Metrics (each against its baseline in this run, on the same file):
   notifications (``rsp_event`` hold-off) and blkfront's kicks
   (``req_event``), against 1 (one per request).
 
-The guest's vCPUs are pinned to CPU 0, the hypervisor and blkback to CPU 1
-(:func:`_pin`), after a warm-up pass of each workload.
+Nothing is pinned (pinning the guest's vCPUs to one CPU with ``domsplit
+vcpu-pin`` and blkback to the other was tried: no better at 4 KiB and worse
+at 1 MiB whenever the machine's two CPUs sat apart, see the README). Each
+workload runs once as a warm-up first.
 ``DOMSPLIT_VCPU_PROFILE=<dir>`` makes the vCPU processes dump cProfile stats.
 """
 
@@ -40,7 +42,6 @@ import trio
 from bench._report import Result, emit, median, note
 from services.frontend.kernel import control as kc
 from services.frontend.kernel.blkbench import block_order
-from services.toolstack._domains import set_affinity
 from services.toolstack._testing import run_cli, temporary_host
 from shared import messages
 from shared.transport import open_channel
@@ -52,7 +53,6 @@ DEVID = 51712  # xvda
 SEQ_DEPTH = 8
 RAND_DEPTH = 32
 SERVICES = ("hypervisor", "xenstore", "blkback")
-GUEST_CPU, DOM0_CPU = 0, 1
 DRIVER = 'xenbus_drivers = {"vbd": "services.frontend.kernel.blkfront:Blkfront"}'
 
 
@@ -78,25 +78,6 @@ async def _blkback(chan: Any, domid: int) -> tuple[int, int]:
     return dev.get("requests", 0), dev.get("notifications", 0)
 
 
-async def _pin(topo: tuple[str, ...], domid: int) -> None:
-    """The guest's vCPUs on one host CPU (``xl vcpu-pin``), dom0's side, the
-    hypervisor and blkback, on the other (Xen's ``dom0_vcpus_pin`` with dom0
-    on a pCPU of its own). Unpinned, the scheduler often put blkfront and
-    blkback on one core, and rounds swung between 60 k and 100 k IOPS with
-    where they landed; with the hypervisor free to run beside the guest, its
-    work for 1 MiB writes (a kick per 256 KiB published) slowed the guest's
-    copies."""
-    if (os.cpu_count() or 1) < 2:
-        return
-    pinned = await run_cli("vcpu-pin", str(domid), "all", str(GUEST_CPU), *topo)
-    if pinned.returncode:
-        raise RuntimeError(pinned.stderr.decode())
-    status = json.loads((await run_cli("host", "status", *topo, "--json")).stdout)
-    for svc in status["services"]:
-        if svc["service"] in ("hypervisor", "blkback"):
-            set_affinity(svc["pid"], {DOM0_CPU})
-
-
 async def measure(rounds: int, mib: int, nreads: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = collections.defaultdict(list)
     with trio.fail_after(120 + 60 * rounds), temporary_host(SERVICES) as host:
@@ -117,7 +98,6 @@ async def measure(rounds: int, mib: int, nreads: int) -> dict[str, list[float]]:
         if made.returncode:
             raise RuntimeError(made.stderr.decode())
         domid = json.loads(made.stdout)["domid"]
-        await _pin(topo, domid)
         vcpu0 = f"ipc://{host.host.rundir}/guests/dom{domid}/vcpu0.sock"
         async with (
             open_channel(vcpu0) as guest,

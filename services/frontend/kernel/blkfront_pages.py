@@ -47,14 +47,14 @@ class GrantedPages:
     def _persistent(self) -> bool:
         return self.backend.persistent
 
-    def _data_pages(self, n: int, readonly: bool) -> list[tuple[int, int]] | None:
+    def _data_pages(self, n: int, readonly: bool) -> Sequence[tuple[int, int]] | None:
         if not self._persistent:
             return self._grant_fresh(n, readonly)
         if n == 0:
             return []
         runs = self.persistent_free.get(n)
         if runs:  # a run a request of this size gave back: its layout is known
-            return list(self._take_run(n, runs))
+            return self._take_run(n, runs)  # the same tuple: _layout knows it by identity
         if len(self.persistent_all) + n <= MAX_PERSISTENT_PAGES:
             # a size not seen yet: new pages, one run of frames if there is one
             # (taking them from other sizes' runs would break those for good)
@@ -139,7 +139,7 @@ class GrantedPages:
             return [], None
         key = (pages[0], len(pages))
         hit = self._runs.get(key)
-        if hit is not None and hit[0] == pages:
+        if hit is not None and (hit[0] is pages or hit[0] == pages):
             return hit[1], hit[2]
         refs = list(map(REF, pages))
         start = _one_run(pages)
@@ -155,7 +155,7 @@ class GrantedPages:
         """The indirect pages' contents for ``pages`` (:func:`rq.indirect_contents`),
         kept with the run's layout for the next request over the same run."""
         hit = self._runs.get((pages[0], len(pages)))
-        if hit is None or hit[0] != pages:
+        if hit is None or (hit[0] is not pages and hit[0] != pages):
             return rq.indirect_contents(nsectors, refs)
         contents = hit[3].get(nsectors)
         if contents is None:
