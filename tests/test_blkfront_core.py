@@ -831,3 +831,28 @@ def test_moderation_asks_for_a_notification_halfway_through_what_is_in_flight() 
     core.take_responses()  # 4 answered, 6 still out: woken at the 4th of those
     assert core.ring is not None
     assert core.ring.sring.rsp_event == core.ring.rsp_cons + 6 // 2 + 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=_BIO_STEPS, answer=st.lists(st.integers(0, 40), min_size=1, max_size=40))
+def test_moderation_never_asks_for_more_responses_than_are_coming(
+    steps: list, answer: list[int]
+) -> None:
+    """However many are in flight and however many the backend answers at a
+    time, the notification asked for (``rsp_event``) is for a response that
+    will come: never past the last request in flight (a lost wakeup)."""
+    rig = make(attrs.evolve(FULL, persistent=True), pool=1500)
+    core = rig.core
+    for n, (kind, at, nsect, _) in enumerate(steps):
+        data = pattern(nsect, n) if kind in (BioKind.WRITE, BioKind.WRITE_ORDERED) else b""
+        core.submit(kind, at * 8, nsect, data)
+    for k in answer * 3:
+        core.pump()
+        core.push()
+        rig.be.take()
+        rig.be.answer(rig.be.held[:k])
+        core.take_responses()
+        ring = core.ring
+        assert ring is not None
+        ahead = (ring.sring.rsp_event - ring.rsp_cons) & 0xFFFFFFFF
+        assert 1 <= ahead <= max(1, core.in_flight())
