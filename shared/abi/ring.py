@@ -301,13 +301,9 @@ class FrontRing:
 
         Raises :class:`RingError` if the backend's ``rsp_prod`` is impossible.
         """
-        prod = self.sring.rsp_prod
-        if self.response_prod_overflow(prod):
-            raise RingError(f"backend rsp_prod {prod} overflows rsp_cons {self.rsp_cons}")
-        count = (prod - self.rsp_cons) & RING_IDX_MASK
+        cons, count = self.rsp_cons, self._published_responses()
         if limit is not None:
             count = min(count, limit)
-        cons = self.rsp_cons
         out = [self.sring.read_slot(cons + k) for k in range(count)]
         self.rsp_cons = (cons + count) & RING_IDX_MASK
         return out
@@ -316,16 +312,20 @@ class FrontRing:
         """:meth:`take_responses`, each response unpacked with ``fields`` (a
         struct of at most one entry) straight from the ring: one copy of its
         values, no ``bytes`` of the slot in between."""
-        prod = self.sring.rsp_prod
-        if self.response_prod_overflow(prod):
-            raise RingError(f"backend rsp_prod {prod} overflows rsp_cons {self.rsp_cons}")
-        cons = self.rsp_cons
-        count = (prod - cons) & RING_IDX_MASK
+        cons, count = self.rsp_cons, self._published_responses()
         sring = self.sring
         buf, offset, unpack = sring.buf, sring.slot_offset, fields.unpack_from
         out = [unpack(buf, offset(cons + k)) for k in range(count)]
         self.rsp_cons = (cons + count) & RING_IDX_MASK
         return out
+
+    def _published_responses(self) -> int:
+        """Responses the backend published past ``rsp_cons``; :class:`RingError`
+        if its ``rsp_prod`` is impossible."""
+        prod = self.sring.rsp_prod
+        if self.response_prod_overflow(prod):
+            raise RingError(f"backend rsp_prod {prod} overflows rsp_cons {self.rsp_cons}")
+        return (prod - self.rsp_cons) & RING_IDX_MASK
 
     def final_check_for_responses(self, ahead: int = 1) -> bool:
         """``RING_FINAL_CHECK_FOR_RESPONSES``: False means it is safe to sleep.
