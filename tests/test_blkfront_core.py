@@ -26,8 +26,8 @@ from shared.abi import grant as gt
 from shared.abi.ring import PAGE_SIZE, BackRing
 
 OP = bi.BlkifOp
-NR_PAGES = 2048
-TABLE_GFN = NR_PAGES - 8
+NR_PAGES = 6144
+TABLE_GFN = NR_PAGES - 16  # room for GRANT_FRAMES
 FULL = BackendInfo(
     sectors=8192,
     flush=True,
@@ -161,9 +161,9 @@ class Rig:
         return out
 
 
-def make(info: BackendInfo = FULL, order: int = 0, pool: int = 1024) -> Rig:
+def make(info: BackendInfo = FULL, order: int = 0, pool: int = 1024, frames: int = 8) -> Rig:
     ram = bytearray(NR_PAGES * PAGE_SIZE)
-    table = GrantTable(memoryview(ram)[TABLE_GFN * PAGE_SIZE :], 8 * 512)
+    table = GrantTable(memoryview(ram)[TABLE_GFN * PAGE_SIZE :], frames * 512)
     core = BlkfrontCore(51712, table, PagePool(range(TABLE_GFN - pool, TABLE_GFN)), ram, 0)
     rig = Rig(core, None, ram, bytearray(info.sectors * 512))  # type: ignore[arg-type]
     rig.reconnect(order, info)
@@ -668,6 +668,32 @@ def test_persistent_pages_come_back_as_the_runs_requests_of_that_size_gave() -> 
         rig.run()
     assert rig.be.grant_faults == 0 and rig.disk[: 2048 * 512] == pattern(2048, 9)
     assert len(core.persistent_all) == granted + singles  # and no new grant for it
+
+
+def test_a_page_pool_hands_out_the_first_run_of_consecutive_frames() -> None:
+    pool = PagePool(range(100, 120))
+    for gfn in (103, 108, 109):
+        pool.claim(gfn)
+    assert pool.alloc_run(4) == [104, 105, 106, 107]  # 100-102 is too short
+    assert pool.alloc_run(5) == [110, 111, 112, 113, 114]
+    assert pool.alloc_run(6) is None  # 115-119 is the longest left
+    assert pool.alloc_run(0) is None and pool.alloc_run(99) is None
+    assert pool.available == 20 - 3 - 4 - 5
+
+
+def test_sixteen_one_mib_requests_go_out_at_once_on_persistent_pages() -> None:
+    from services.frontend.kernel.blkfront_gnttab import GRANT_FRAMES
+
+    rig = make(attrs.evolve(FULL, persistent=True), pool=16 * 257 + 64, frames=GRANT_FRAMES)
+    core = rig.core
+    for k in range(16):
+        core.submit(BioKind.WRITE, 2048 * k, 2048, pattern(2048, k))
+    core.pump()
+    assert not core.pending  # refs and pages for all sixteen: none waits
+    assert sum(e is not None for e in core.shadow) == 16
+    assert all(core._layout(e.pages)[1] is not None for e in core.shadow if e is not None)
+    rig.run()
+    assert rig.disk[: 16 * 2048 * 512] == b"".join(pattern(2048, k) for k in range(16))
 
 
 def test_a_full_pool_peels_requests_off_the_shortest_longer_run(

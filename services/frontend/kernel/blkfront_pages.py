@@ -55,7 +55,7 @@ class GrantedPages:
         runs = self.persistent_free.get(n)
         if runs:  # a run a request of this size gave back: its layout is known
             return self._take_run(n, runs)  # the same tuple: _layout knows it by identity
-        if len(self.persistent_all) + n <= MAX_PERSISTENT_PAGES:
+        if len(self.persistent_all) + n <= MAX_PERSISTENT_PAGES and self.grants.available >= n:
             # a size not seen yet: new pages, one run of frames if there is one
             # (taking them from other sizes' runs would break those for good)
             gfns = self.pool.alloc_run(n) if n > 1 else None
