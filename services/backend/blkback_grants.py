@@ -32,8 +32,8 @@ from shared.transport import CallTimeout, Channel, PeerLost, RemoteError
 # segments. Our blkfront puts a 1 MiB block in one request of 256 segments plus
 # an indirect page, so 1056 holds only 4 such requests and a 5th in flight is
 # mapped and unmapped per request (~1.3 ms of hypervisor time each). Room for
-# 16 of them instead:
-MAX_PERSISTENT_GRANTS = 16 * (256 + 1)
+# 24 of them instead (what our blkfront keeps, MAX_PERSISTENT_PAGES):
+MAX_PERSISTENT_GRANTS = 24 * (256 + 1)
 HYPERCALL_TIMEOUT = 10.0
 
 

@@ -15,9 +15,12 @@ from shared.abi.ring import PAGE_SIZE
 
 GFN, REF = operator.itemgetter(0), operator.itemgetter(1)
 _RUNS_KEPT = 4096
-#: persistent pages one vbd keeps granted: 16 requests of 256 segments and an
-#: indirect page each, what blkback keeps mapped (``MAX_PERSISTENT_GRANTS``)
-MAX_PERSISTENT_PAGES = 16 * 257
+#: persistent pages one vbd keeps granted: 24 requests of 256 segments and an
+#: indirect page each, what blkback keeps mapped (``MAX_PERSISTENT_GRANTS``).
+#: 16 was all a queue of 16 one-MiB requests used, so the pages of any small
+#: request beside them were peeled off a run, and the 1 MiB requests built
+#: from the pieces went the slow way through blkback for good
+MAX_PERSISTENT_PAGES = 24 * 257
 
 
 class GrantedPages:
