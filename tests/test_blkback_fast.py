@@ -155,20 +155,29 @@ async def test_a_run_of_persistent_grants_is_found_once_and_forgotten_on_disconn
     assert GrantCache(NoHv(), 1, persistent=False).lookup_run((10,)) is None  # type: ignore[arg-type]
 
 
-async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) -> None:
-    """Four 1 MiB reads in one kick: each response is pushed as soon as its
-    data is in (PUSH_BYTES), so the frontend copies one while we read the
-    next; four 4 KiB reads go out a push per INTAKE_BATCH of them."""
+class _Hv:
+    notified = 0
+
+    async def notify(self, port: int) -> None:
+        self.notified += 1
+
+    async def unmap(self, maps: object) -> None:
+        pass
+
+
+def _persistent_blkif(tmp_path: Path) -> tuple:
+    """A blkif over a real image and guest RAM: refs 1000-2023 persistently
+    mapped as 4 runs of 256 frames from frame 100, refs 2000-2003 the
+    indirect pages at frames 10-13; ``(blkif, front ring, image, memory)``."""
     import collections
 
-    from services.backend.blkback_conn import INTAKE_BATCH, PUSH_BYTES, Blkif
+    from services.backend.blkback_conn import Blkif
     from services.backend.blkback_grants import GrantCache
     from services.backend.blkback_image import DiskImage
     from services.backend.blkback_order import ExecutionLog
     from shared.abi import blkif as bi
     from shared.guestmem import GuestMemory
 
-    assert 4096 < PUSH_BYTES <= 1 << 20
     image_path = tmp_path / "disk.img"
     image_path.write_bytes(bytes(8 << 20))
     image = DiskImage.open(image_path, readonly=False)
@@ -176,21 +185,35 @@ async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) ->
     ring_buf = bytearray(4096)
     front = bi.blkif_front_ring(ring_buf)
     back = bi.blkif_back_ring(ring_buf)
-
-    class Hv:
-        notified = 0
-
-        async def notify(self, port: int) -> None:
-            self.notified += 1
-
-    grants = GrantCache(Hv(), 1, persistent=True)  # type: ignore[arg-type]
-    data_refs = list(range(1000, 1000 + 1024))  # 4 runs of 256 frames from frame 100
-    grants._gfns.update({ref: 100 + k for k, ref in enumerate(data_refs)})
-    grants._gfns.update({2000 + k: 10 + k for k in range(4)})  # the indirect pages
+    grants = GrantCache(_Hv(), 1, persistent=True)  # type: ignore[arg-type]
+    grants._gfns.update({1000 + k: 100 + k for k in range(1024)})
+    grants._gfns.update({2000 + k: 10 + k for k in range(4)})
     limits = DeviceLimits(16384, False, True, 256, True)
     blkif = Blkif(
-        1, Hv(), mem, back, 5, grants, image, limits, ExecutionLog(), collections.Counter()
+        1, _Hv(), mem, back, 5, grants, image, limits, ExecutionLog(), collections.Counter()
     )  # type: ignore[arg-type]
+    return blkif, front, image, mem
+
+
+def _indirect(run: int, last_sect: int = 7) -> bytes:
+    """The indirect page of a request over run ``run`` (256 pages)."""
+    from shared.abi import blkif as bi
+
+    refs = range(1000 + 256 * run, 1000 + 256 * (run + 1))
+    segs = [bi.Segment(r, 0, 7) for r in refs]
+    segs[-1] = bi.Segment(segs[-1].gref, 0, last_sect)
+    return bi.encode_indirect_page(segs)
+
+
+async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) -> None:
+    """Four 1 MiB reads in one kick: each response is pushed as soon as its
+    data is in (PUSH_BYTES), so the frontend copies one while we read the
+    next; four 4 KiB reads go out a push per INTAKE_BATCH of them."""
+    from services.backend.blkback_conn import INTAKE_BATCH, PUSH_BYTES
+
+    assert 4096 < PUSH_BYTES <= 1 << 20
+    blkif, front, image, mem = _persistent_blkif(tmp_path)
+    back = blkif.ring
     pushes: list[int] = []
     real_push = blkif._push
 
@@ -201,9 +224,7 @@ async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) ->
     blkif._push = counted  # type: ignore[method-assign]
     try:
         for k in range(4):
-            refs = data_refs[256 * k : 256 * (k + 1)]
-            page = bi.encode_indirect_page([bi.Segment(r, 0, 7) for r in refs])
-            mem.write(10 + k, 0, page)
+            mem.write(10 + k, 0, _indirect(k))
             front.put_request(
                 BlkifRequestIndirect(OP.READ, 256, k, 2048 * k, 0, (2000 + k,)).encode()
             )
@@ -218,6 +239,40 @@ async def test_big_inline_requests_are_answered_one_push_each(tmp_path: Path) ->
         await blkif._intake()
         assert 1 < INTAKE_BATCH <= 4
         assert pushes == list(range(4 + INTAKE_BATCH, 9, INTAKE_BATCH))  # small ones: batched
+    finally:
+        image.close()
+        mem.close()
+
+
+async def test_an_indirect_request_seen_before_is_found_by_its_segment_records(
+    tmp_path: Path,
+) -> None:
+    """The second 1 MiB write with the same indirect page skips the refs'
+    unpacking and run lookup; a page that says something else (a short last
+    segment) is worked out afresh, and a disconnect forgets every answer."""
+    from shared.abi.blkif import SECTOR_SIZE
+
+    blkif, front, image, mem = _persistent_blkif(tmp_path)
+    grants = blkif.grants
+    runs_seen: list[int] = []
+    try:
+        for rid, (stamp, last_sect) in enumerate([(1, 7), (2, 7), (3, 3)]):
+            mem.view[100 * 4096 : 356 * 4096] = bytes([stamp]) * (256 * 4096)
+            mem.write(10, 0, _indirect(0, last_sect))
+            front.put_request(BlkifRequestIndirect(OP.WRITE, 256, rid, 0, 0, (2000,)).encode())
+            front.push_requests()
+            await blkif._intake()
+            runs_seen.append(len(grants._runs))
+            grants._runs.clear()  # what lookup_run keeps: gone, to see who calls it
+            nbytes = (255 * 8 + last_sect + 1) * SECTOR_SIZE
+            with open(image.path, "rb") as f:
+                disk = f.read(1 << 20)
+            assert disk[:nbytes] == bytes([stamp]) * nbytes
+            assert disk[nbytes:] == bytes([2]) * (len(disk) - nbytes)  # (3: short by 4 sectors)
+        assert runs_seen == [1, 0, 1]  # the first and the changed page, not the repeat
+        assert blkif.counters["steady"] == 3 and blkif.counters["responses"] == 3
+        await grants.release_all()
+        assert grants.lookup_indirect_run(mem.read(10, 0, 256 * 8)) is None
     finally:
         image.close()
         mem.close()

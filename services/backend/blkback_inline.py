@@ -18,7 +18,7 @@ from services.backend.blkback_grants import GrantCache
 from services.backend.blkback_image import INLINE_LIMIT, DiskImage
 from services.backend.blkback_order import ExecutionLog, OrderingQueue
 from services.backend.blkback_request import DeviceLimits, IoPlan, Kind, indirect_columns
-from shared.abi.blkif import RESPONSE, SECTOR_SIZE, BlkifProtocolError, BlkifRsp
+from shared.abi.blkif import RESPONSE, SECTOR_SIZE, SEGMENT_SIZE, BlkifProtocolError, BlkifRsp
 from shared.abi.ring import BackRing
 from shared.guestmem import PAGE_SIZE, GuestMemory, GuestMemoryError
 
@@ -57,25 +57,41 @@ class InlineRequests:
         if got is None or self.image is None:
             return False
         rid, op, sector, nsect, grefs, indirect = got
-        lookup = self.grants.lookup
-        if indirect:
-            pages = lookup(indirect)
+        grants = self.grants
+        if indirect:  # nsect: the number of segments, for now
+            pages = grants.lookup(indirect)
             if pages is None or max(pages) >= self.memory.nr_pages:
                 return False
             view = self.memory.view
-            raw = b"".join([view[g * PAGE_SIZE : (g + 1) * PAGE_SIZE] for g in pages])
-            try:
-                cols = indirect_columns(raw, nsect)
-            except BlkifProtocolError:
+            nbytes = nsect * SEGMENT_SIZE
+            if len(pages) == 1:
+                base = pages[0] * PAGE_SIZE
+                segments = bytes(view[base : base + nbytes])
+            else:
+                raw = b"".join([view[g * PAGE_SIZE : (g + 1) * PAGE_SIZE] for g in pages])
+                segments = raw[:nbytes]
+            npages = nsect
+            hit = grants.lookup_indirect_run(segments)
+            if hit is None:
+                try:
+                    cols = indirect_columns(segments, npages)
+                except BlkifProtocolError:
+                    return False
+                nsect = whole_page_sectors(cols.firsts, cols.lasts)
+                g0 = grants.lookup_run(cols.grefs) if nsect else None
+                if g0 is None:
+                    return False  # not whole pages, not mapped yet, or frames apart
+                grants.remember_indirect_run(segments, g0, nsect)
+            else:
+                g0, nsect = hit
+            if sector + nsect > self.limits.sectors:
                 return False
-            nsect = whole_page_sectors(cols.firsts, cols.lasts)
-            if not nsect or sector + nsect > self.limits.sectors:
-                return False
-            grefs = cols.grefs
-        g0 = self.grants.lookup_run(grefs)
-        if g0 is None:
-            return False  # not mapped yet, or frames apart: the general path
-        if g0 < 0 or g0 + len(grefs) > self.memory.nr_pages:
+        else:
+            npages = len(grefs)
+            g0 = grants.lookup_run(grefs)
+            if g0 is None:
+                return False  # not mapped yet, or frames apart: the general path
+        if g0 < 0 or g0 + npages > self.memory.nr_pages:
             return False
         seq = self.queue.skip()
         nbytes = nsect * SECTOR_SIZE
