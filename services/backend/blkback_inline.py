@@ -58,19 +58,19 @@ class InlineRequests:
             return False
         rid, op, sector, nsect, grefs, indirect = got
         grants = self.grants
-        if indirect:  # nsect: the number of segments, for now
+        if indirect:  # fast_request's nsect is then the segment count
+            npages = nsect
             pages = grants.lookup(indirect)
             if pages is None or max(pages) >= self.memory.nr_pages:
                 return False
             view = self.memory.view
-            nbytes = nsect * SEGMENT_SIZE
+            nbytes = npages * SEGMENT_SIZE
             if len(pages) == 1:
                 base = pages[0] * PAGE_SIZE
                 segments = bytes(view[base : base + nbytes])
             else:
                 raw = b"".join([view[g * PAGE_SIZE : (g + 1) * PAGE_SIZE] for g in pages])
                 segments = raw[:nbytes]
-            npages = nsect
             hit = grants.lookup_indirect_run(segments)
             if hit is None:
                 try:
