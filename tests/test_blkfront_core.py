@@ -686,14 +686,15 @@ def test_sixteen_one_mib_requests_go_out_at_once_on_persistent_pages() -> None:
 
     rig = make(attrs.evolve(FULL, persistent=True), pool=16 * 257 + 64, frames=GRANT_FRAMES)
     core = rig.core
-    for k in range(16):
-        core.submit(BioKind.WRITE, 2048 * k, 2048, pattern(2048, k))
+    blocks = [bytes([k + 1]) * (2048 * 512) for k in range(16)]
+    for k, block in enumerate(blocks):
+        core.submit(BioKind.WRITE, 2048 * k, 2048, block)
     core.pump()
     assert not core.pending  # refs and pages for all sixteen: none waits
     assert sum(e is not None for e in core.shadow) == 16
     assert all(core._layout(e.pages)[1] is not None for e in core.shadow if e is not None)
     rig.run()
-    assert rig.disk[: 16 * 2048 * 512] == b"".join(pattern(2048, k) for k in range(16))
+    assert rig.disk[: 16 * 2048 * 512] == b"".join(blocks)
 
 
 def test_a_full_pool_peels_requests_off_the_shortest_longer_run(
