@@ -140,3 +140,33 @@ async def test_blkback_falls_back_to_nng_when_the_device_is_refused(tmp_path: Pa
             seen = await a.vcpus[0].wait_upcalls(1)
             assert [u.ports for u in seen] == [(guest_port,)]
             assert (d0.hypercalls, d0.device_sends) == (1, 0)
+
+
+async def test_a_puppets_posted_send_is_the_hypercall_through_its_fifo() -> None:
+    """PuppetSend(posted=True) (the bench's kernel-like send) goes through the
+    vCPU's send FIFO: the other guest gets its upcalls and the hypervisor
+    counts FIFO sends, not hypercall messages."""
+    with trio.fail_after(LIMIT):
+        async with hypervisor_host() as hv:
+            a, b = await hv.create(vcpus=1), await hv.create(vcpus=1)
+            for g in (a, b):
+                await g.pv_setup("vector")
+            rc, unbound = await b.vcpus[0].evtchn(
+                EVTCHNOP.alloc_unbound, hc.EvtchnAllocUnbound(DOMID.SELF, a.domid)
+            )
+            rc, bound = await a.vcpus[0].evtchn(
+                EVTCHNOP.bind_interdomain, hc.EvtchnBindInterdomain(b.domid, unbound.port)
+            )
+            assert rc == 0
+            await a.vcpus[0].wait_upcalls(1)
+            await a.vcpus[0].upcalls()
+            before = (await hv.status()).stats["hypervisor"]
+            sent = await b.vcpus[0].control.call(pp.PuppetSend(unbound.port, 3, 0.02, True))
+            assert len(sent.at_ns) == 3
+            seen = await a.vcpus[0].wait_upcalls(3)
+            assert [u.ports for u in seen] == [(bound.local_port,)] * 3
+            after = (await hv.status()).stats["hypervisor"]
+            fifo = after["evtchn_devices"]
+            assert fifo["vcpu_fifos"] >= 2
+            assert fifo["sends"] - before["evtchn_devices"]["sends"] == 3
+            assert fifo["refused_sends"] == 0
