@@ -28,8 +28,7 @@ import trio
 from bench._hvbed import bed, pin_process
 from bench._report import Result, emit, median, note
 from services.frontend.puppet import PuppetSend, PuppetStamps, PuppetStampTo
-from shared.abi import hypercall as hc
-from shared.abi.constants import DOMID, EVTCHNOP
+from services.hypervisor.testbed import interdomain_pair
 
 GAP = 0.002  # seconds between events: each one finds the receiver idle
 
@@ -45,29 +44,18 @@ async def measure(rounds: int, n: int) -> tuple[list[float], list[float], list[f
     posted: list[float] = []
     oneway: list[float] = []
     async with bed() as (hv, _echo, _echo_pid):
-        a, b = await hv.create(vcpus=1), await hv.create(vcpus=1)
-        for g in (a, b):
-            await g.pv_setup("vector")
+        a, b, a_port, b_port = await interdomain_pair(hv)
         pin_process(hv.proc.pid, 1)
         pin_process(a.created.vcpu_pids[0], 0)
         pin_process(b.created.vcpu_pids[0], 1)
-        rc, unbound = await b.vcpus[0].evtchn(
-            EVTCHNOP.alloc_unbound, hc.EvtchnAllocUnbound(DOMID.SELF, a.domid)
-        )
-        rc, bound = await a.vcpus[0].evtchn(
-            EVTCHNOP.bind_interdomain, hc.EvtchnBindInterdomain(b.domid, unbound.port)
-        )
-        assert rc == 0
-        await a.vcpus[0].wait_upcalls(1)
-        await a.vcpus[0].upcalls()
         a_control = f"ipc://{hv.rundir}/p{a.domid}-0.sock"
 
         async def event_p50(posted: bool) -> float:
-            send = PuppetSend(unbound.port, n, GAP, posted)
+            send = PuppetSend(b_port, n, GAP, posted)
             sent = await b.vcpus[0].control.call(send, timeout=60)
             seen = await a.vcpus[0].wait_upcalls(n, timeout=10)
             await a.vcpus[0].upcalls()
-            got = [u.at_ns for u in seen if u.ports == (bound.local_port,)]
+            got = [u.at_ns for u in seen if u.ports == (a_port,)]
             if len(got) < n * 0.95:  # sends may merge (edge semantics), not vanish
                 raise AssertionError(f"{len(got)} of {n} events arrived")
             lat = sorted(_latencies(sent.at_ns, got))[n // 10 :]

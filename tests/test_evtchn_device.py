@@ -12,7 +12,7 @@ import trio
 from services.backend.blkback_grants import Dom0Hypervisor
 from services.frontend import puppet as pp
 from services.hypervisor import control as ctl
-from services.hypervisor.testbed import dom0_evtchn, hypervisor_host
+from services.hypervisor.testbed import dom0_evtchn, hypervisor_host, interdomain_pair
 from shared.abi import hypercall as hc
 from shared.abi.constants import DOMID, EVTCHNOP
 from shared.evtchn_dev import PORT, EvtchnDevice, HypervisorEnd, device_paths, is_device_path
@@ -148,23 +148,12 @@ async def test_a_puppets_posted_send_is_the_hypercall_through_its_fifo() -> None
     counts FIFO sends, not hypercall messages."""
     with trio.fail_after(LIMIT):
         async with hypervisor_host() as hv:
-            a, b = await hv.create(vcpus=1), await hv.create(vcpus=1)
-            for g in (a, b):
-                await g.pv_setup("vector")
-            rc, unbound = await b.vcpus[0].evtchn(
-                EVTCHNOP.alloc_unbound, hc.EvtchnAllocUnbound(DOMID.SELF, a.domid)
-            )
-            rc, bound = await a.vcpus[0].evtchn(
-                EVTCHNOP.bind_interdomain, hc.EvtchnBindInterdomain(b.domid, unbound.port)
-            )
-            assert rc == 0
-            await a.vcpus[0].wait_upcalls(1)
-            await a.vcpus[0].upcalls()
+            a, b, a_port, b_port = await interdomain_pair(hv)
             before = (await hv.status()).stats["hypervisor"]
-            sent = await b.vcpus[0].control.call(pp.PuppetSend(unbound.port, 3, 0.02, True))
+            sent = await b.vcpus[0].control.call(pp.PuppetSend(b_port, 3, 0.02, True))
             assert len(sent.at_ns) == 3
             seen = await a.vcpus[0].wait_upcalls(3)
-            assert [u.ports for u in seen] == [(bound.local_port,)] * 3
+            assert [u.ports for u in seen] == [(a_port,)] * 3
             after = (await hv.status()).stats["hypervisor"]
             fifo = after["evtchn_devices"]
             assert fifo["vcpu_fifos"] >= 2

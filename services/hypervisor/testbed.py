@@ -30,6 +30,7 @@ from shared import messages
 from shared.abi import hypercall as hc
 from shared.abi.constants import (
     DOMID,
+    EVTCHNOP,
     HVM_PARAM,
     HVMOP,
     VCPUOP,
@@ -159,6 +160,27 @@ class HvHost:
 async def dom0_evtchn(hv: HvHost, cmd: int, record: Any) -> tuple[int, Any]:
     res = await hv.dom0.call(evtchn(cmd, record))
     return res.value, (type(record).unpack(res.data) if res.value >= 0 and res.data else None)
+
+
+async def interdomain_pair(hv: HvHost) -> tuple[Guest, Guest, int, int]:
+    """Two 1-vCPU guests in vector mode with an interdomain channel between
+    them, the binding's upcall already taken: ``(a, b, a's port, b's port)``."""
+    a, b = await hv.create(vcpus=1), await hv.create(vcpus=1)
+    for g in (a, b):
+        await g.pv_setup("vector")
+    rc, unbound = await b.vcpus[0].evtchn(
+        EVTCHNOP.alloc_unbound, hc.EvtchnAllocUnbound(DOMID.SELF, a.domid)
+    )
+    if rc:
+        raise RuntimeError(f"alloc_unbound: {rc}")
+    rc, bound = await a.vcpus[0].evtchn(
+        EVTCHNOP.bind_interdomain, hc.EvtchnBindInterdomain(b.domid, unbound.port)
+    )
+    if rc:
+        raise RuntimeError(f"bind_interdomain: {rc}")
+    await a.vcpus[0].wait_upcalls(1)
+    await a.vcpus[0].upcalls()
+    return a, b, bound.local_port, unbound.port
 
 
 def _topology(rundir: Path, settings: dict[str, str]) -> Path:
